@@ -1,0 +1,24 @@
+"""lora_jax: LoRA as a pure transform over JAX parameter pytrees.
+
+>>> import jax, jax.numpy as jnp, lora_jax
+>>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+>>> spec = lora_jax.LoraSpec(rank=2, alpha=4.0, targets=["dense"])
+>>> lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+>>> effective = lora_jax.apply_lora(params, lora)
+"""
+
+from lora_jax._adapters import LoraWeights as LoraWeights
+from lora_jax._adapters import Trainable as Trainable
+from lora_jax._adapters import is_adapter as is_adapter
+from lora_jax._apply import adapter_items as adapter_items
+from lora_jax._apply import apply_lora as apply_lora
+from lora_jax._apply import merge as merge
+from lora_jax._apply import unmerge as unmerge
+from lora_jax._init import init_lora as init_lora
+from lora_jax._optim import only_adapters as only_adapters
+from lora_jax._spec import LoraSpec as LoraSpec
+from lora_jax._summary import Summary as Summary
+from lora_jax._summary import summary as summary
+from lora_jax._targets import partition as partition
+
+__version__ = "0.1.0"

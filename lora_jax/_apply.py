@@ -1,0 +1,193 @@
+"""Applying adapters: effective weights, merge and unmerge."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._adapters import is_adapter
+from lora_jax._paths import flatten_with_paths, map_with_paths
+
+
+def adapter_items(lora: Any) -> dict[str, Any]:
+    """The adapter nodes of an adapter tree, keyed by parameter path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from lora_jax import LoraWeights
+      >>> lora = {"dense": {"kernel": LoraWeights(jnp.ones((3, 1)), jnp.ones((1, 2)))}}
+      >>> list(adapter_items(lora))
+      ['dense/kernel']
+    """
+    items = flatten_with_paths(lora, is_leaf=is_adapter)
+    for path, node in items.items():
+        if not is_adapter(node):
+            raise TypeError(
+                f"{path}: an adapter tree holds LoraWeights or Trainable nodes (as made by init_lora); "
+                f"found {type(node).__name__}. Pass the adapter tree as the second argument."
+            )
+    return items
+
+
+def _check_shapes(path: str, leaf: Any, node: Any) -> None:
+    shape = tuple(getattr(leaf, "shape", ()))
+    if not hasattr(leaf, "shape") or shape != node.kernel_shape:
+        raise ValueError(
+            f"{path}: the adapter fits a kernel of shape {node.kernel_shape}, but params hold "
+            f"{'shape ' + str(shape) if hasattr(leaf, 'shape') else type(leaf).__name__} there. "
+            f"The adapter was made for other params; create it with init_lora on these params."
+        )
+
+
+def _transform(params: Any, lora: Any, op: Callable[[Any, Any], Any]) -> Any:
+    items = adapter_items(lora)
+    flat = flatten_with_paths(params)
+    missing = [p for p in items if p not in flat]
+    if missing:
+        near = difflib.get_close_matches(missing[0], list(flat), n=3, cutoff=0.0)
+        raise ValueError(
+            f"the adapter has {len(missing)} path(s) that params lack, first {missing[0]!r} "
+            f"(nearest params paths: {', '.join(near)}). The adapter was made for other params."
+        )
+    for path, node in items.items():
+        _check_shapes(path, flat[path], node)
+
+    def one(path: str, w: Any) -> Any:
+        if path not in items:
+            return w
+        try:
+            return op(items[path], w)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    return map_with_paths(one, params)
+
+
+def apply_lora(params: Any, lora: Any) -> Any:
+    """The effective parameters: every adapted leaf replaced by ``W + scale * A @ B``.
+
+    Pure and jit-able; ``params`` is not modified. The update is computed in
+    float32 and cast to each base leaf's dtype once. Leaves trained in full
+    (:class:`Trainable`) replace their base leaf.
+
+    Args:
+      params: the base parameter pytree.
+      lora: an adapter tree from :func:`init_lora`.
+
+    Returns:
+      A pytree with the structure and dtypes of ``params``.
+
+    Raises:
+      ValueError: if an adapter path is missing from ``params`` or its shape
+        differs (the message names the path and both shapes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"]))
+      >>> out = jax.jit(apply_lora)(params, lora)
+      >>> bool(jnp.all(out["dense"]["kernel"] == 1.0))  # B = 0 at init: a no-op
+      True
+    """
+    return _transform(params, lora, lambda node, w: node.apply_to(w))
+
+
+def _is_tracing(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _check_finite(params: Any, lora: Any) -> None:
+    items = adapter_items(lora)
+    flat = flatten_with_paths(params)
+
+    @jax.jit
+    def finite(ws, nodes):
+        return {p: jnp.all(jnp.isfinite(n.apply_to(ws[p]).astype(jnp.float32))) for p, n in nodes.items()}
+
+    ok = jax.device_get(finite({p: flat[p] for p in items}, items))
+    bad = [p for p, v in ok.items() if not v]
+    if bad:
+        raise ValueError(
+            f"merge(safe=True): merging would put NaN or inf into {', '.join(bad)}; params are unchanged. "
+            f"Check the adapter for diverged values (e.g. lower the learning rate)."
+        )
+
+
+def _merge_like(params: Any, lora: Any, op: Callable, donate: bool) -> Any:
+    items = adapter_items(lora)
+    jax.eval_shape(lambda p, lo: _transform(p, lo, op), params, lora)  # validate paths and shapes first
+    flat = flatten_with_paths(params)
+    if _is_tracing((params, lora)):
+        donate = False
+    fn = jax.jit(lambda ws, nodes: {p: op(n, ws[p]) for p, n in nodes.items()}, donate_argnums=(0,) if donate else ())
+    merged = fn({p: flat[p] for p in items}, items)
+    return map_with_paths(lambda p, w: merged.get(p, w), params)
+
+
+def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -> Any:
+    """Fold the adapter into the base weights for inference: ``W + scale * A @ B``.
+
+    Numerically the same as :func:`apply_lora` (float32 update, one cast), with
+    two options for real deployments.
+
+    Args:
+      params: the base parameter pytree.
+      lora: an adapter tree from :func:`init_lora`.
+      donate: donate the adapted base buffers to the merge, so the merged
+        kernels reuse their memory (the donated arrays in ``params`` become
+        unusable). Ignored under tracing.
+      safe: first check that no merged leaf would hold NaN or inf and raise,
+        naming the leaves, before anything is donated. Not usable under ``jit``.
+
+    Returns:
+      The merged parameter pytree.
+
+    Raises:
+      ValueError: on path/shape mismatches, or with ``safe=True`` on NaN/inf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], init="random"))
+      >>> merged = merge(params, lora, safe=True)
+      >>> bool(jnp.allclose(unmerge(merged, lora)["dense"]["kernel"], 0.0, atol=1e-6))
+      True
+    """
+    if safe:
+        if _is_tracing((params, lora)):
+            raise ValueError("merge(safe=True) checks values on the host and cannot run under jit; use safe=False.")
+        _check_finite(params, lora)
+    return _merge_like(params, lora, lambda node, w: node.apply_to(w), donate)
+
+
+def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
+    """Undo :func:`merge`: ``W - scale * A @ B`` (exact up to rounding in the base dtype).
+
+    Args:
+      params: merged parameters.
+      lora: the adapter tree that was merged.
+      donate: donate the merged buffers (see :func:`merge`).
+
+    Returns:
+      The unmerged parameter pytree.
+
+    Raises:
+      ValueError: on path/shape mismatches, or when ``lora`` holds leaves
+        trained in full (their original value is not kept).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> lora = init_lora(jax.random.key(1), params, LoraSpec(rank=2, targets=["dense"], init="random"))
+      >>> back = unmerge(merge(params, lora), lora)
+      >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0, atol=1e-6))
+      True
+    """
+    return _merge_like(params, lora, lambda node, w: node.remove_from(w), donate)

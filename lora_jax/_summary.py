@@ -1,0 +1,130 @@
+"""Reporting: ``summary``, a table of what is trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from lora_jax._adapters import LoraWeights
+from lora_jax._apply import adapter_items
+from lora_jax._paths import flatten_with_paths
+
+
+def _nbytes(x: Any) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    """One adapted leaf."""
+
+    path: str
+    kind: str
+    kernel_shape: tuple[int, ...]
+    layout: str
+    rank: int | None
+    scale: float | None
+    adapter_shapes: str
+    params: int
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Trainable vs total parameters, with one row per adapted leaf.
+
+    ``str(summary)`` is a table; the fields are there for programs.
+    """
+
+    rows: tuple[SummaryRow, ...]
+    base_params: int
+    base_bytes: int
+    trainable_params: int
+    trainable_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        """Base plus adapter parameters (PEFT's "all params")."""
+        return self.base_params + sum(r.params for r in self.rows if r.kind != "trainable")
+
+    @property
+    def trainable_percent(self) -> float:
+        """``100 * trainable / total``."""
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        head = ("path", "kind", "kernel", "layout", "rank", "scale", "adapter", "params", "bytes")
+        body = [
+            (
+                r.path,
+                r.kind,
+                "x".join(map(str, r.kernel_shape)),
+                r.layout,
+                "-" if r.rank is None else str(r.rank),
+                "-" if r.scale is None else f"{r.scale:g}",
+                r.adapter_shapes,
+                f"{r.params:,}",
+                f"{r.bytes:,}",
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:{'>' if i >= 7 else '<'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), "  ".join("-" * w for w in widths), *(fmt.format(*row) for row in body)]
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
+            f"trainable%: {self.trainable_percent:.4f} || adapter bytes: {self.trainable_bytes:,} "
+            f"|| base bytes: {self.base_bytes:,}"
+        )
+        return "\n".join(lines)
+
+
+def summary(params: Any, lora: Any) -> Summary:
+    """Trainable vs total parameter counts, per-target rank, shapes and bytes.
+
+    Args:
+      params: the base parameter pytree (arrays or ``ShapeDtypeStruct``).
+      lora: an adapter tree from :func:`init_lora`.
+
+    Returns:
+      A :class:`Summary`; print it for a table.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"]))
+      >>> s = summary(params, lora)
+      >>> s.trainable_params, s.total_params
+      (48, 184)
+      >>> print(str(s).splitlines()[-1])
+      trainable params: 48 || all params: 184 || trainable%: 26.0870 || adapter bytes: 192 || base bytes: 544
+    """
+    flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
+    rows = []
+    for path, node in adapter_items(lora).items():
+        if isinstance(node, LoraWeights):
+            rows.append(
+                SummaryRow(
+                    path, node.kind, node.kernel_shape, node.layout, node.rank, node.scale,
+                    f"A{tuple(node.a.shape)} B{tuple(node.b.shape)}",
+                    node.a.size + node.b.size, _nbytes(node.a) + _nbytes(node.b),
+                )
+            )  # fmt: skip
+        else:
+            rows.append(
+                SummaryRow(
+                    path, "trainable", node.kernel_shape, "-", None, None, "full copy",
+                    math.prod(node.kernel_shape), _nbytes(node.value),
+                )
+            )  # fmt: skip
+    return Summary(
+        rows=tuple(rows),
+        base_params=sum(math.prod(x.shape) for x in flat.values()),
+        base_bytes=sum(_nbytes(x) for x in flat.values()),
+        trainable_params=sum(r.params for r in rows),
+        trainable_bytes=sum(r.bytes for r in rows),
+    )

@@ -1,0 +1,258 @@
+"""Choosing targets: which leaves get an adapter, which are trained in full.
+
+Matching rules (documented on :class:`lora_jax.LoraSpec`):
+
+* a regex string full-matches a leaf's path or its module path (the path
+  without the leaf's own key);
+* a list of names matches when a name equals a key on the path, or a run of
+  keys joined by "/" (``"attention/query"``);
+* a callable gets ``(path, leaf)`` and returns a bool;
+* pattern dicts (``rank_pattern``, ``alpha_pattern``, ``axes``) use both the
+  regex and the name rule; the first matching key wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _layout
+from lora_jax._paths import flatten_with_paths
+from lora_jax._spec import LoraSpec
+
+LORA, FROZEN, TRAINABLE = "lora", "frozen", "trainable"
+
+_EMBED_KEY = re.compile(r"(?i)(embedding|embeddings|.*embed.*|wte|wpe)")
+_NOT_KERNEL = frozenset({"bias", "scale"})  # multi-axis biases (DenseGeneral) and norm scales
+_HEAD_KEY = re.compile(r"(?i)(head|.*_head|classifier|score|logits|output_projection|unembed)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How one kernel is adapted."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    layout: str
+    rank: int
+    alpha: float
+    scale: float
+    kind: str  # "linear" or "embed"
+
+
+def _keys(path: str) -> list[str]:
+    return path.split("/")
+
+
+def _key_runs(keys: list[str]) -> set[str]:
+    return {"/".join(keys[i:j]) for i in range(len(keys)) for j in range(i + 1, len(keys) + 1)}
+
+
+def _regex_match(pattern: str, path: str) -> bool:
+    module = path.rpartition("/")[0]
+    try:
+        return bool(re.fullmatch(pattern, path) or (module and re.fullmatch(pattern, module)))
+    except re.error as e:
+        raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from e
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Whether a pattern-dict key matches ``path`` (regex or key-name rule)."""
+    return pattern in _key_runs(_keys(path)) or _regex_match(pattern, path)
+
+
+def selector_matches(selector: Any, path: str, leaf: Any) -> bool:
+    """Whether a targets/exclude/trainable selector picks the leaf at ``path``."""
+    if selector is None:
+        return False
+    if callable(selector):
+        return bool(selector(path, leaf))
+    if isinstance(selector, str):
+        return _regex_match(selector, path)
+    runs = _key_runs(_keys(path))
+    return any(name in runs for name in selector)
+
+
+def _is_explicit(selector: Any, path: str, leaf: Any) -> bool:
+    """Whether the selector names the leaf itself rather than its module."""
+    if callable(selector):
+        return bool(selector(path, leaf))
+    if isinstance(selector, str):
+        return bool(re.fullmatch(selector, path))
+    return _keys(path)[-1] in selector
+
+
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any] | None:
+    if isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
+        hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    ):
+        return tuple(leaf.shape), jnp.dtype(leaf.dtype)
+    return None
+
+
+def is_embedding(path: str) -> bool:
+    """Heuristic: an embedding table (flax ``Embed`` names its leaf ``embedding``)."""
+    keys = _keys(path)
+    return keys[-1] == "embedding" or any(_EMBED_KEY.fullmatch(k) for k in keys[:-1])
+
+
+def is_output_head(path: str) -> bool:
+    """Heuristic: an output head (``lm_head``, ``head``, ``classifier``, ...)."""
+    return any(_HEAD_KEY.fullmatch(k) for k in _keys(path)[:-1])
+
+
+def _first(patterns: tuple, path: str, default: Any) -> Any:
+    for key, value in patterns:
+        if pattern_matches(key, path):
+            return value
+    return default
+
+
+def _layout_for(path: str, shape: tuple[int, ...], spec: LoraSpec) -> str:
+    layout = _first(spec.axes, path, None)
+    if layout is None:
+        if len(shape) == 2:
+            return "io"
+        raise ValueError(
+            f"{path}: kernel of shape {shape} has {len(shape)} axes, so which are input, output or "
+            f"stacked-layer axes is ambiguous. Give its layout in LoraSpec(axes={{pattern: layout}}), "
+            f"one letter per axis: 'i' input, 'o' output, 'b' stacked layer. For example "
+            f"axes={{{path.rpartition('/')[0].rpartition('/')[2] or path!r}: "
+            f"{'ioo' if len(shape) == 3 else 'iiio'!r}}}; 'ioo' for (d_model, heads, head_dim), "
+            f"'iio' for (heads, head_dim, d_model), 'iiio' for Conv2D (kh, kw, in, out), "
+            f"'bio' for an nn.scan-stacked Dense (layers, in, out)."
+        )
+    _layout.check_layout(layout, shape, path)
+    return layout
+
+
+def _no_match_error(spec: LoraSpec, paths: list[str]) -> ValueError:
+    candidates = sorted(set(paths) | {p.rpartition("/")[0] for p in paths} - {""})
+    wanted = (
+        [spec.targets] if isinstance(spec.targets, str) else list(spec.targets) if not callable(spec.targets) else []
+    )
+    near: list[str] = []
+    for w in wanted:
+        near += difflib.get_close_matches(w, candidates, n=5, cutoff=0.0)
+        near += difflib.get_close_matches(w, sorted({k for p in paths for k in _keys(p)}), n=3, cutoff=0.5)
+    near = list(dict.fromkeys(near))[:8] or candidates[:8]
+    return ValueError(
+        f"LoraSpec(targets={spec.targets!r}) matched no kernel among {len(paths)} parameters. "
+        f"Nearest paths: {', '.join(near)}. A regex must full-match a leaf or module path; a list "
+        f"entry must equal a key on the path (e.g. targets=['query', 'value'])."
+    )
+
+
+def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
+    """Resolve ``spec`` against ``params``.
+
+    Returns:
+      ``(targets, trainable)``: the kernels that get an adapter, keyed by path,
+      and the set of paths trained in full.
+
+    Raises:
+      ValueError: on targets that match nothing, ambiguous layouts, too-large
+        ranks; TypeError: on integer or non-array leaves that are targeted.
+    """
+    flat = flatten_with_paths(params)
+    targets: dict[str, Target] = {}
+    trainable: set[str] = set()
+    all_linear = spec.targets == "all-linear"
+    for path, leaf in flat.items():
+        if spec.exclude is not None and selector_matches(spec.exclude, path, leaf):
+            continue
+        if selector_matches(spec.trainable, path, leaf):
+            if _shape_dtype(leaf) is None:
+                raise TypeError(f"{path}: LoraSpec(trainable=...) selects a {type(leaf).__name__}, not an array.")
+            trainable.add(path)
+            continue
+        sd = _shape_dtype(leaf)
+        module_level_skip = _keys(path)[-1] in _NOT_KERNEL
+        if all_linear:
+            if module_level_skip:
+                continue
+            if sd is None or len(sd[0]) < 2 or not jnp.issubdtype(sd[1], jnp.floating):
+                continue
+            if is_embedding(path) or is_output_head(path):
+                continue
+        elif not selector_matches(spec.targets, path, leaf):
+            continue
+        else:
+            explicit = _is_explicit(spec.targets, path, leaf)
+            if module_level_skip and not explicit:
+                continue
+            if sd is None:
+                if explicit:
+                    raise TypeError(
+                        f"{path}: LoraSpec(targets=...) selects a {type(leaf).__name__} leaf, but only "
+                        f"array kernels can carry an adapter; narrow targets or add it to exclude."
+                    )
+                continue
+            if len(sd[0]) < 2:
+                if explicit:
+                    raise ValueError(
+                        f"{path}: LoraSpec(targets=...) selects a leaf of shape {sd[0]}, but a LoRA kernel "
+                        f"needs at least 2 axes (biases and norms are left alone); to train it, use "
+                        f"LoraSpec(trainable=...)."
+                    )
+                continue
+            if not jnp.issubdtype(sd[1], jnp.floating):
+                raise TypeError(
+                    f"{path}: LoraSpec(targets=...) selects a {sd[1]} leaf of shape {sd[0]}; LoRA adapts "
+                    f"floating-point kernels only. Exclude it with LoraSpec(exclude=...)."
+                )
+        shape, dtype = sd
+        layout = _layout_for(path, shape, spec)
+        rank = _first(spec.rank_pattern, path, spec.rank)
+        alpha = _first(spec.alpha_pattern, path, spec.alpha)
+        limit = _layout.max_rank(layout, shape)
+        if rank > limit:
+            raise ValueError(
+                f"{path}: rank {rank} is larger than the kernel allows: shape {shape} with layout "
+                f"{layout!r} has fan-in {_layout.fan_in(layout, shape)} and fan-out "
+                f"{_layout.fan_out(layout, shape)}, so rank <= {limit}. Lower LoraSpec(rank=...) or set "
+                f"LoraSpec(rank_pattern={{{path!r}: {limit}}})."
+            )
+        kind = "embed" if is_embedding(path) and len(shape) == 2 else "linear"
+        targets[path] = Target(path, shape, dtype, layout, rank, alpha, spec.scale_for(rank, alpha), kind)
+    if not targets:
+        raise _no_match_error(spec, list(flat))
+    return targets, trainable
+
+
+def partition(params: Any, spec: LoraSpec) -> Any:
+    """Label every leaf of ``params``: ``"lora"``, ``"frozen"`` or ``"trainable"``.
+
+    ``"lora"`` marks a frozen kernel that carries an adapter, ``"frozen"`` the
+    rest of the base, ``"trainable"`` leaves trained in full. The result has the
+    structure of ``params`` and plugs into ``optax.multi_transform``.
+
+    Args:
+      params: a parameter pytree.
+      spec: the adapter configuration.
+
+    Returns:
+      A pytree of label strings with the structure of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+      ...           "head": {"kernel": jnp.ones((3, 2))}}
+      >>> labels = partition(params, LoraSpec(rank=2, targets=["dense"], trainable=["head"]))
+      >>> labels
+      {'dense': {'bias': 'frozen', 'kernel': 'lora'}, 'head': {'kernel': 'trainable'}}
+      >>> tx = optax.multi_transform(
+      ...     {"trainable": optax.adam(1e-3), "lora": optax.set_to_zero(), "frozen": optax.set_to_zero()},
+      ...     labels)
+    """
+    from lora_jax._paths import map_with_paths
+
+    targets, trainable = resolve(params, spec)
+    return map_with_paths(lambda p, _: LORA if p in targets else TRAINABLE if p in trainable else FROZEN, params)
