@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -101,15 +102,16 @@ def _is_tracing(tree: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
+@jax.jit
+def _finite(ws: dict, nodes: dict) -> dict:
+    # Module level, so jax.jit's cache is reused across calls (a jit made per call recompiles every time).
+    return {p: jnp.all(jnp.isfinite(n.apply_to(ws[p]).astype(jnp.float32))) for p, n in nodes.items()}
+
+
 def _check_finite(params: Any, lora: Any) -> None:
     items = adapter_items(lora)
     flat = flatten_with_paths(params)
-
-    @jax.jit
-    def finite(ws, nodes):
-        return {p: jnp.all(jnp.isfinite(n.apply_to(ws[p]).astype(jnp.float32))) for p, n in nodes.items()}
-
-    ok = jax.device_get(finite({p: flat[p] for p in items}, items))
+    ok = jax.device_get(_finite({p: flat[p] for p in items}, items))
     bad = [p for p, v in ok.items() if not v]
     if bad:
         raise ValueError(
@@ -118,14 +120,27 @@ def _check_finite(params: Any, lora: Any) -> None:
         )
 
 
+def _apply_op(node: Any, w: Any) -> Any:
+    return node.apply_to(w)
+
+
+def _remove_op(node: Any, w: Any) -> Any:
+    return node.remove_from(w)
+
+
+@functools.cache
+def _jitted(op: Callable, donate: bool) -> Callable:
+    """One jitted merge per (op, donate), so repeated merges of same-shaped trees reuse the compilation."""
+    return jax.jit(lambda ws, nodes: {p: op(n, ws[p]) for p, n in nodes.items()}, donate_argnums=(0,) if donate else ())
+
+
 def _merge_like(params: Any, lora: Any, op: Callable, donate: bool) -> Any:
     items = adapter_items(lora)
     jax.eval_shape(lambda p, lo: _transform(p, lo, op), params, lora)  # validate paths and shapes first
     flat = flatten_with_paths(params)
     if _is_tracing((params, lora)):
         donate = False
-    fn = jax.jit(lambda ws, nodes: {p: op(n, ws[p]) for p, n in nodes.items()}, donate_argnums=(0,) if donate else ())
-    merged = fn({p: flat[p] for p in items}, items)
+    merged = _jitted(op, donate)({p: flat[p] for p in items}, items)
     return map_with_paths(lambda p, w: merged.get(p, w), params)
 
 
@@ -163,7 +178,7 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -
         if _is_tracing((params, lora)):
             raise ValueError("merge(safe=True) checks values on the host and cannot run under jit; use safe=False.")
         _check_finite(params, lora)
-    return _merge_like(params, lora, lambda node, w: node.apply_to(w), donate)
+    return _merge_like(params, lora, _apply_op, donate)
 
 
 def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
@@ -190,4 +205,4 @@ def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0, atol=1e-6))
       True
     """
-    return _merge_like(params, lora, lambda node, w: node.remove_from(w), donate)
+    return _merge_like(params, lora, _remove_op, donate)

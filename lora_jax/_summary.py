@@ -6,15 +6,13 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 from lora_jax._adapters import LoraWeights
 from lora_jax._apply import adapter_items
 from lora_jax._paths import flatten_with_paths
 
 
 def _nbytes(x: Any) -> int:
-    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return math.prod(x.shape) * x.dtype.itemsize  # not jnp.dtype(...): PRNG key leaves (nnx.Rngs) have extended dtypes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,10 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any] | None:
     if isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
         hasattr(leaf, "shape") and hasattr(leaf, "dtype")
     ):
-        return tuple(leaf.shape), jnp.dtype(leaf.dtype)
+        dtype = leaf.dtype
+        if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended):  # PRNG key arrays (nnx.Rngs) keep their dtype
+            dtype = jnp.dtype(dtype)
+        return tuple(leaf.shape), dtype
     return None
 
 

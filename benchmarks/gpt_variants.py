@@ -1,0 +1,101 @@
+"""The benchmark's reference implementations of lora_jax.models.gpt.GPT (looped, not scanned).
+
+* :func:`handwritten_forward`: the same decoder written by hand with every
+  adapted kernel used as ``x·stop_gradient(W) + s·(x·A)·B``: the reachable
+  limit for factored LoRA on this machine.
+* :class:`NnxGPT`: the same decoder built from flax ``nnx.LoRALinear`` (the
+  peer): q/k/v/o as ``(d, d)`` LoRALinear layers reshaped into heads.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lora_jax.models.gpt import GPTConfig
+
+_EQ = {"query": "btd,dhk->bthk", "key": "btd,dhk->bthk", "value": "btd,dhk->bthk", "out": "bthk,hkd->btd"}
+_EQ.update({"mlp_in": "btd,df->btf", "mlp_out": "btf,fd->btd"})
+
+
+def _lora_einsum(eq: str, x: jax.Array, p: dict, node) -> jax.Array:
+    """``einsum(x, W) + s * einsum(einsum(x, A), B)``, W frozen."""
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+    contracted = [c for c in ws if c in xs]
+    kept = [c for c in ws if c not in xs]
+    y = jnp.einsum(eq, x, jax.lax.stop_gradient(p["kernel"])) + p["bias"]
+    if node is None:
+        return y
+    t = jnp.einsum(f"{xs},{''.join(contracted)}r->{xs.replace(''.join(contracted), '')}r", x, node.a)
+    return y + node.scale * jnp.einsum(f"{xs.replace(''.join(contracted), '')}r,r{''.join(kept)}->{out}", t, node.b)
+
+
+def _layernorm(p: dict, x: jax.Array) -> jax.Array:
+    return nn.LayerNorm().apply({"params": p}, x)
+
+
+def handwritten_forward(params: dict, lora: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
+    """Logits of the linen GPT (``scan=False``) with factored adapters written out by hand."""
+    x = params["tok_embed"]["embedding"][tokens] + params["pos_embed"]["embedding"][: tokens.shape[-1]]
+    t = tokens.shape[-1]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    for i in range(cfg.layers):
+        p, lo = params[f"layers_{i}"], lora.get(f"layers_{i}", {})
+        node = lambda name, lo=lo: lo.get(name, {}).get("kernel")  # noqa: E731
+        h = _layernorm(p["ln_attn"], x)
+        q, k, v = (_lora_einsum(_EQ[n], h, p[n], node(n)) for n in ("query", "key", "value"))
+        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
+        logits = jnp.where(mask, logits, jnp.finfo(x.dtype).min)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        ctx = jnp.einsum("...hqk,...khd->...qhd", attn, v)
+        x = x + _lora_einsum(_EQ["out"], ctx, p["out"], node("out"))
+        h = _layernorm(p["ln_mlp"], x)
+        h = nn.gelu(_lora_einsum(_EQ["mlp_in"], h, p["mlp_in"], node("mlp_in")))
+        x = x + _lora_einsum(_EQ["mlp_out"], h, p["mlp_out"], node("mlp_out"))
+    x = _layernorm(params["ln_final"], x)
+    return (x @ params["lm_head"]["kernel"] + params["lm_head"]["bias"]).astype(jnp.float32)
+
+
+class NnxBlock(nnx.Module):
+    """Pre-norm attention + MLP block from ``nnx.LoRALinear`` layers."""
+
+    def __init__(self, cfg: GPTConfig, rank: int, rngs: nnx.Rngs):
+        d = cfg.d_model
+        lin = lambda i, o: nnx.LoRALinear(i, o, lora_rank=rank, rngs=rngs)  # noqa: E731
+        self.cfg = cfg
+        self.ln_attn, self.ln_mlp = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.query, self.key, self.value, self.out = lin(d, d), lin(d, d), lin(d, d), lin(d, d)
+        self.mlp_in, self.mlp_out = lin(d, cfg.d_ff), lin(cfg.d_ff, d)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        heads = lambda y: y.reshape(*y.shape[:-1], cfg.heads, cfg.head_dim)  # noqa: E731
+        h = self.ln_attn(x)
+        q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
+        t = x.shape[-2]
+        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(x.dtype).min)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        ctx = jnp.einsum("...hqk,...khd->...qhd", attn, v)
+        x = x + self.out(ctx.reshape(*ctx.shape[:-2], -1))
+        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_mlp(x))))
+
+
+class NnxGPT(nnx.Module):
+    """The decoder of lora_jax.models.gpt with nnx.LoRALinear on q, k, v, o and the MLP."""
+
+    def __init__(self, cfg: GPTConfig, rank: int, rngs: nnx.Rngs):
+        self.tok_embed = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
+        self.layers = nnx.List([NnxBlock(cfg, rank, rngs) for _ in range(cfg.layers)])
+        self.ln_final = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[-1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_final(x)).astype(jnp.float32)

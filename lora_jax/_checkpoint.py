@@ -1,0 +1,441 @@
+"""Adapter checkpoints with orbax: ``save_adapter`` / ``load_adapter``.
+
+A checkpoint holds the adapter arrays and a JSON record, never base weights:
+
+* item ``"adapter"`` (``ocp.args.StandardSave``): one ``{"a", "b"}`` (or
+  ``{"value"}`` for a leaf trained in full) per adapted path, nested like the
+  adapter tree;
+* item ``"adapter_meta"`` (``ocp.args.JsonSave``): the :class:`LoraSpec`, and
+  per path the static metadata (``scale``, ``layout``, ``kind``), shapes,
+  dtypes and a checksum of every array.
+
+So a checkpoint restores without re-creating the spec, the static metadata
+comes back identically, and a corrupt or truncated file is detected rather
+than silently loaded. :func:`adapter_checkpoint_args` gives the two items for
+your own ``orbax.checkpoint.CheckpointManager``; :func:`load_adapter` reads a
+``save_adapter`` directory or a manager's step directory alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._adapters import LoraWeights, Trainable
+from lora_jax._apply import adapter_items
+from lora_jax._paths import flatten_with_paths, nest
+from lora_jax._spec import LoraSpec
+
+FORMAT = "lora_jax.adapter"
+VERSION = 1
+ARRAYS, META = "adapter", "adapter_meta"
+_SPEC_FIELDS = tuple(f.name for f in LoraSpec.__dataclass_fields__.values())
+
+
+# ---------------------------------------------------------------------------- spec <-> JSON
+
+
+def _selector_to_json(name: str, value: Any) -> Any:
+    if callable(value):
+        raise ValueError(
+            f"LoraSpec({name}=<callable>) cannot be saved: a function is not data. Write the selection as a "
+            f"regex string (e.g. {name}=r'.*/(query|value)/kernel') or a list of key names "
+            f"(e.g. {name}=['query', 'value']) so the checkpoint can restore the spec."
+        )
+    return list(value) if isinstance(value, tuple) else value
+
+
+def spec_to_json(spec: LoraSpec) -> dict[str, Any]:
+    """A JSON-ready dict of ``spec`` (inverse: :func:`spec_from_json`).
+
+    Regex targets stay strings, name lists become lists, pattern dicts keep
+    their order.
+
+    Raises:
+      ValueError: if a selector is a callable (not serializable); use a regex
+        string or a list of names instead.
+
+    Example:
+      >>> d = spec_to_json(LoraSpec(rank=4, targets=["query", "value"], rank_pattern={"value": 2}))
+      >>> d["targets"], d["rank_pattern"]
+      (['query', 'value'], {'value': 2})
+      >>> spec_from_json(d) == LoraSpec(rank=4, targets=["query", "value"], rank_pattern={"value": 2})
+      True
+    """
+    if not isinstance(spec, LoraSpec):
+        raise TypeError(f"spec must be a LoraSpec; found {type(spec).__name__}.")
+    out: dict[str, Any] = {}
+    for name in _SPEC_FIELDS:
+        value = getattr(spec, name)
+        if name in ("targets", "exclude", "trainable"):
+            value = _selector_to_json(name, value)
+        elif name in ("rank_pattern", "alpha_pattern", "axes"):
+            value = dict(value)
+        out[name] = value
+    return out
+
+
+def spec_from_json(data: dict[str, Any]) -> LoraSpec:
+    """The :class:`LoraSpec` written by :func:`spec_to_json` (validated again).
+
+    Raises:
+      ValueError: on fields this version does not know (a newer lora_jax wrote
+        it) or on invalid values.
+
+    Example:
+      >>> spec_from_json({"rank": 2, "targets": "dense/kernel"}).rank
+      2
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a saved LoraSpec is a JSON object; found {type(data).__name__}.")
+    unknown = sorted(set(data) - set(_SPEC_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"the saved LoraSpec has fields {unknown} that this lora_jax does not know; it was written by "
+            f"another version. Known fields: {', '.join(_SPEC_FIELDS)}."
+        )
+    return LoraSpec(**data)
+
+
+# ---------------------------------------------------------------------------- arrays, metadata, checksums
+
+
+def _checksum_one(x: jax.Array) -> jax.Array:
+    """A position-weighted uint32 sum of the bits of ``x``: any single-bit change alters it."""
+    nbits = jnp.dtype(x.dtype).itemsize * 8
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[nbits]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: _checksum_one(v) for k, v in arrays.items()}
+
+
+def _host_ints(tree: dict[str, jax.Array]) -> dict[str, int]:
+    # a replicated scalar: its first addressable shard holds the value on every process
+    return {k: int(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
+
+
+def _fields(node: Any) -> dict[str, Any]:
+    return {"a": node.a, "b": node.b} if isinstance(node, LoraWeights) else {"value": node.value}
+
+
+def _describe(items: dict[str, Any]) -> dict[str, Any]:
+    arrays = {f"{p}/{f}": x for p, node in items.items() for f, x in _fields(node).items()}
+    sums = _host_ints(_checksums(arrays))
+    out = {}
+    for path, node in items.items():
+        entry: dict[str, Any] = {"type": "lora" if isinstance(node, LoraWeights) else "trainable"}
+        if isinstance(node, LoraWeights):
+            entry.update(scale=float(node.scale), layout=node.layout, kind=node.kind)
+        entry["arrays"] = {
+            f: {"shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name, "checksum": sums[f"{path}/{f}"]}
+            for f, x in _fields(node).items()
+        }
+        out[path] = entry
+    return out
+
+
+def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
+    """The orbax save arguments for an adapter: ``Composite(adapter=..., adapter_meta=...)``.
+
+    Use it with your own ``orbax.checkpoint.CheckpointManager``; add other
+    items (optimizer state, data iterator) next to it, and read the adapter
+    back with ``load_adapter(manager.directory / str(step))``.
+
+    Args:
+      lora: an adapter tree (:func:`lora_jax.init_lora`).
+      spec: the spec it was made with (saved as JSON).
+
+    Returns:
+      An ``orbax.checkpoint.args.Composite`` with items ``"adapter"`` and
+      ``"adapter_meta"``.
+
+    Raises:
+      ValueError: if the spec holds a callable selector.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+      >>> from lora_jax import init_lora
+      >>> spec = LoraSpec(rank=2, targets=["dense"])
+      >>> lora = init_lora(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 3))}}, spec)
+      >>> args = adapter_checkpoint_args(lora, spec)
+      >>> sorted(args.keys())
+      ['adapter', 'adapter_meta']
+      >>> both = ocp.args.Composite(**args, step_info=ocp.args.JsonSave({"step": 1}))  # add your own items
+    """
+    import orbax.checkpoint as ocp
+
+    spec_json = spec_to_json(spec)
+    items = adapter_items(lora)
+    if not items:
+        raise ValueError("the adapter tree is empty: there is nothing to save. Create it with init_lora.")
+    meta = {"format": FORMAT, "version": VERSION, "spec": spec_json, "adapters": _describe(items)}
+    arrays = nest({f"{p}/{f}": x for p, node in items.items() for f, x in _fields(node).items()})
+    return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
+
+
+def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrite: bool = False) -> pathlib.Path:
+    """Save an adapter tree and its spec as an orbax checkpoint (never base weights).
+
+    The write is atomic: orbax writes into a temporary directory and renames it
+    when complete, so a killed process leaves no partial checkpoint at
+    ``path``. With ``overwrite=True`` the new checkpoint is completed under a
+    temporary name first and only then swapped in, so a failed save keeps the
+    previous one.
+
+    Args:
+      path: the checkpoint directory to create.
+      lora: an adapter tree (may hold sharded arrays; every process must call
+        this, orbax writes each process's shards).
+      spec: the :class:`LoraSpec` the adapter was made with.
+      overwrite: replace an existing checkpoint at ``path``.
+
+    Returns:
+      The absolute checkpoint path.
+
+    Raises:
+      FileExistsError: if ``path`` exists and ``overwrite`` is False.
+      ValueError: if the spec holds a callable selector or the tree is empty.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile, os
+      >>> from lora_jax import init_lora
+      >>> spec = LoraSpec(rank=2, targets=["dense"])
+      >>> lora = init_lora(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 3))}}, spec)
+      >>> path = save_adapter(os.path.join(tempfile.mkdtemp(), "adapter"), lora, spec)
+      >>> lora2, spec2 = load_adapter(path)
+      >>> spec2 == spec, lora2["dense"]["kernel"].layout
+      (True, 'io')
+    """
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass save_adapter(..., overwrite=True) to replace it.")
+    args = adapter_checkpoint_args(lora, spec)  # validates before anything is written
+    tmp = path.with_name(f"{path.name}.lora_jax-new-{uuid.uuid4().hex[:8]}") if path.exists() else path
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+        ckpt.save(tmp, args=args)
+    if tmp != path and jax.process_index() == 0:
+        old = path.with_name(f"{path.name}.lora_jax-old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lora_jax.save_adapter:{path}")
+    return path
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _read_meta(path: pathlib.Path) -> dict[str, Any]:
+    meta_file = path / META / "metadata"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory.")
+    if not meta_file.is_file():
+        raise ValueError(
+            f"{path}: not a lora_jax adapter checkpoint (no {META}/metadata inside). Expected a directory "
+            f"written by save_adapter or a CheckpointManager step saved with adapter_checkpoint_args."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the adapter metadata is corrupt or truncated ({e}); restore another step.") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("adapters"), dict):
+        raise ValueError(f"{path}: {META}/metadata is not a {FORMAT} record; the checkpoint is corrupt or foreign.")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads version {VERSION}."
+        )
+    return meta
+
+
+def _spec_diff(saved: LoraSpec, given: LoraSpec) -> str:
+    return ", ".join(
+        f"{n}: saved {getattr(saved, n)!r}, given {getattr(given, n)!r}"
+        for n in _SPEC_FIELDS
+        if getattr(saved, n) != getattr(given, n)
+    )
+
+
+def _kernel_shape(entry: dict[str, Any]) -> tuple[int, ...]:
+    arrays = entry["arrays"]
+    if entry["type"] == "trainable":
+        return tuple(arrays["value"]["shape"])
+    from lora_jax import _layout
+
+    return _layout.kernel_shape(entry["layout"], tuple(arrays["a"]["shape"]), tuple(arrays["b"]["shape"]))
+
+
+def _check_params(path: pathlib.Path, adapters: dict[str, Any], params: Any) -> None:
+    flat = flatten_with_paths(params)
+    missing = [p for p in adapters if p not in flat]
+    wrong = [
+        f"{p} (adapter fits {_kernel_shape(e)}, params hold {tuple(getattr(flat[p], 'shape', ()))})"
+        for p, e in adapters.items()
+        if p in flat and tuple(getattr(flat[p], "shape", ())) != _kernel_shape(e)
+    ]
+    if missing or wrong:
+        raise ValueError(
+            f"{path}: this adapter checkpoint was made for other params: "
+            + "; ".join(
+                ([f"paths missing from params: {', '.join(missing[:5])}"] if missing else [])
+                + ([f"shape mismatch at {', '.join(wrong[:5])}"] if wrong else [])
+            )
+            + ". Load it with the params it was trained on."
+        )
+
+
+def _abstract_arrays(path: pathlib.Path, adapters: dict[str, Any], target: Any) -> dict[str, Any]:
+    """Flat {"path/field": ShapeDtypeStruct} in the saved dtypes, with the target's shardings."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    given: dict[str, Any] = {}
+    if target is not None:
+        items = adapter_items(target)
+        if set(items) != set(adapters):
+            extra, lacking = sorted(set(items) - set(adapters)), sorted(set(adapters) - set(items))
+            raise ValueError(
+                f"{path}: the target tree does not match the checkpoint: the checkpoint lacks {extra or 'nothing'}, "
+                f"the target lacks {lacking or 'nothing'}. Build the target from the same params and spec."
+            )
+        for p, node in items.items():
+            for f, x in _fields(node).items():
+                given[f"{p}/{f}"] = x
+    out = {}
+    for p, entry in adapters.items():
+        for f, info in entry["arrays"].items():
+            key, shape = f"{p}/{f}", tuple(info["shape"])
+            t = given.get(key)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{path}: {key} is saved with shape {shape} but the target has {tuple(t.shape)}; the "
+                    f"checkpoint was made with another spec or params (compare the rank and kernel shape)."
+                )
+            sharding = getattr(t, "sharding", None) or default
+            out[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(info["dtype"]), sharding=sharding)
+    return out
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    target: Any = None,
+    *,
+    params: Any = None,
+    spec: LoraSpec | None = None,
+) -> tuple[dict[str, Any], LoraSpec]:
+    """Restore an adapter tree and its spec from :func:`save_adapter` (or a manager step).
+
+    Nothing is changed and nothing returned unless the whole checkpoint reads
+    back intact: every array's checksum is verified.
+
+    Args:
+      path: a :func:`save_adapter` directory, or ``manager.directory / str(step)``
+        of a ``CheckpointManager`` that saved :func:`adapter_checkpoint_args`.
+      target: optional adapter tree (arrays or ``jax.ShapeDtypeStruct`` leaves
+        with ``.sharding``, e.g. from ``jax.eval_shape(init_lora, ...)`` with
+        shardings attached) that says where and in which dtype each array is
+        restored. Without it, arrays land on the first local device in their
+        saved dtype. Needed on multi-host setups.
+      params: if given, check that the adapter fits these params (paths and
+        kernel shapes).
+      spec: if given, check that the checkpoint was saved with this spec.
+
+    Returns:
+      ``(lora, spec)``: the adapter tree (nested dicts, as :func:`init_lora`
+      makes them) with the saved ``scale``/``layout``/``kind``, and the saved
+      :class:`LoraSpec`.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: on a corrupt/truncated/foreign checkpoint, a spec mismatch, a
+        target or params that do not fit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile, os
+      >>> from lora_jax import init_lora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> spec = LoraSpec(rank=2, targets=["dense"])
+      >>> path = save_adapter(os.path.join(tempfile.mkdtemp(), "a"), init_lora(jax.random.key(0), params, spec), spec)
+      >>> abstract = jax.eval_shape(lambda: init_lora(jax.random.key(0), params, spec))
+      >>> lora, _ = load_adapter(path, abstract, params=params, spec=spec)
+      >>> lora["dense"]["kernel"].a.shape
+      (4, 2)
+    """
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    meta = _read_meta(path)
+    try:
+        saved_spec = spec_from_json(meta["spec"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: the saved LoraSpec cannot be read: {e}") from None
+    if spec is not None and spec != saved_spec:
+        raise ValueError(
+            f"{path}: the checkpoint was saved with another LoraSpec ({_spec_diff(saved_spec, spec)}). "
+            f"Pass the spec it was saved with, or spec=None to use the saved one."
+        )
+    adapters = meta["adapters"]
+    if params is not None:
+        _check_params(path, adapters, params)
+    abstract = _abstract_arrays(path, adapters, target)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+            restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
+        flat = flatten_with_paths(restored[ARRAYS])
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        raise ValueError(
+            f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Restore an earlier checkpoint."
+        ) from None
+    if set(flat) != set(abstract):
+        raise ValueError(f"{path}: the adapter arrays do not match their metadata; the checkpoint is corrupt.")
+    sums = _host_ints(_checksums(flat))
+    bad = [k for k in abstract if sums[k] != adapters[k.rpartition("/")[0]]["arrays"][k.rpartition("/")[2]]["checksum"]]
+    if bad:
+        raise ValueError(
+            f"{path}: checksum mismatch in {', '.join(bad[:5])}: the checkpoint is corrupt. Restore an earlier one."
+        )
+    want = {}
+    if target is not None:
+        for p, node in adapter_items(target).items():
+            for f, x in _fields(node).items():
+                want[f"{p}/{f}"] = jnp.dtype(x.dtype)
+    out = {}
+    for p, entry in adapters.items():
+        arr = {f: flat[f"{p}/{f}"] for f in entry["arrays"]}
+        arr = {f: x.astype(want[f"{p}/{f}"]) if f"{p}/{f}" in want else x for f, x in arr.items()}
+        if entry["type"] == "lora":
+            out[p] = LoraWeights(arr["a"], arr["b"], scale=entry["scale"], layout=entry["layout"], kind=entry["kind"])
+        else:
+            out[p] = Trainable(arr["value"])
+    return nest(dict(sorted(out.items()))), saved_spec
+
+
+def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON record of an adapter checkpoint (spec, per-path metadata), without reading arrays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile, os
+      >>> from lora_jax import init_lora
+      >>> spec = LoraSpec(rank=2, targets=["dense"])
+      >>> lora = init_lora(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 3))}}, spec)
+      >>> meta = read_adapter_meta(save_adapter(os.path.join(tempfile.mkdtemp(), "a"), lora, spec))
+      >>> meta["adapters"]["dense/kernel"]["layout"], meta["spec"]["rank"]
+      ('io', 2)
+    """
+    return _read_meta(pathlib.Path(path).absolute())

@@ -1,0 +1,353 @@
+"""Factored execution: run a model with ``x·W + s·(x·A)·B``, never forming ``W + BA``.
+
+:func:`factored` traces ``fn`` to a jaxpr with ``jax.make_jaxpr`` (the
+parameters are inputs) and evaluates that jaxpr with its own small
+interpreter, in which each adapted kernel is a
+:class:`~lora_jax._factored_lazy.LazyKernel` (base ``W``, factors ``A``, ``B``,
+scale). Reshapes, transposes, casts, broadcasts and slices of a kernel are
+mirrored on the factors (:mod:`lora_jax._factored_rules`); ``dot_general``,
+``conv_general_dilated`` and ``gather`` consume it as ``x·W + s·(x·A)·B``;
+``jit``, ``remat``, ``scan`` (flax ``nn.scan`` slices the stacked kernels:
+the factors are sliced along the same axis), ``cond`` and ``while`` are
+followed into their bodies; a ``custom_jvp``/``custom_vjp`` function that
+receives a kernel is inlined (autodiff then goes through its primal body, not
+its custom rule). Equations that touch no adapted kernel are re-bound
+unchanged, so the compiled program is the model's own plus the adapter branches. Every other primitive
+that meets a kernel raises :class:`FactoredError` naming the primitive and the
+parameter path, unless that path was opted in with ``materialize=`` (then
+``W + BA`` is formed for that leaf only and reported). ``W`` goes through
+``stop_gradient``, so no kernel-sized weight gradient is ever computed.
+
+Why our own interpreter and not quax (``quax.quaxify`` with a custom
+``ArrayValue``): the interpreter is ~300 lines on public jax APIs
+(``make_jaxpr``, ``Primitive.bind``), needs no new dependency, evaluates each
+equation once at trace time (the compiled program is exactly the factored
+one, so it runs at the speed of a hand-written factored model; see
+``benchmarks/README.md``), and lets us *raise* on an unhandled primitive
+instead of silently materializing, which is the failure mode of lorax/qax
+(lorax #10; qax #5 under ``nn.scan``). quax was not benchmarked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from lora_jax import _factored_lazy as lz
+from lora_jax import _factored_rules as rules
+from lora_jax._adapters import LoraWeights, Trainable
+from lora_jax._apply import adapter_items, apply_lora
+from lora_jax._factored_lazy import FactoredError, LazyKernel
+from lora_jax._paths import path_str
+
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_INLINE.update({"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"})
+
+
+@dataclasses.dataclass
+class _Context:
+    """Per-call state of the interpreter (options, report, dropout key)."""
+
+    materialize: tuple[str, ...]
+    on_materialize: Callable[[str, str], None] | None
+    dropout: float
+    key: jax.Array | None
+    report: dict[str, list[str]]
+    site: int = 0
+
+    def child(self, key: jax.Array | None) -> _Context:
+        return dataclasses.replace(self, key=key, site=0)
+
+    def record(self, path: str, rule: str) -> None:
+        rules_ = self.report.setdefault(path, [])
+        if rule not in rules_:
+            rules_.append(rule)
+
+    def next_key(self) -> jax.Array | None:
+        if self.key is None:
+            return None
+        self.site += 1
+        return jax.random.fold_in(self.key, self.site - 1)
+
+    def dropout_fn(self) -> Callable[[jax.Array], jax.Array]:
+        key = self.next_key() if self.dropout > 0 else None
+        if key is None:
+            return lambda x: x
+        keep = 1.0 - self.dropout
+
+        def drop(x: jax.Array) -> jax.Array:
+            mask = jax.random.bernoulli(key, keep, x.shape)
+            return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+        return drop
+
+    def may_materialize(self, path: str) -> bool:
+        return any(p == path or re.fullmatch(p, path) for p in self.materialize)
+
+
+def _read(env: dict, v: Any) -> Any:
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context) -> list[Any]:
+    env: dict = {}
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            if any(isinstance(x, LazyKernel) for x in invals):
+                outs = _lazy_eqn(eqn.primitive, invals, dict(eqn.params), ctx)
+            else:
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = ans if eqn.primitive.multiple_results else [ans]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [_materialize_or_raise(x, "output of the function", ctx) for x in (_read(env, v) for v in jaxpr.outvars)]
+
+
+def _materialize_or_raise(x: Any, where: str, ctx: _Context) -> Any:
+    if not isinstance(x, LazyKernel):
+        return x
+    if ctx.may_materialize(x.path):
+        ctx.record(x.path, f"materialized ({where})")
+        if ctx.on_materialize is not None:
+            ctx.on_materialize(x.path, where)
+        return lz.materialize(x)
+    raise FactoredError(
+        f"{x.path}: factored() cannot factor `{where}` applied to this adapted kernel (shape {x.shape}, "
+        f"dtype {x.dtype}); only dot_general, conv_general_dilated and gather uses, and reshapes, "
+        f"transposes, casts, broadcasts and slices of a kernel are factored. Either keep this kernel out "
+        f"of LoraSpec(targets=...), or opt in to forming W + BA for this leaf only: "
+        f"factored(fn, materialize=[{x.path!r}])."
+    )
+
+
+def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
+    name = prim.name
+    if name in _INLINE and _INLINE[name] in params:
+        closed = params[_INLINE[name]]
+        return _eval(closed.jaxpr, closed.consts, invals, ctx)
+    if name in _HIGHER_ORDER:
+        return _HIGHER_ORDER[name](invals, params, ctx)
+    lazy = [x for x in invals if isinstance(x, LazyKernel)]
+    if isinstance(invals[0], LazyKernel) and len(lazy) == 1:
+        out = rules.layout_rule(prim, invals[0], invals[1:], params)
+        if out is not None:
+            return [out]
+    out = None
+    if name == "dot_general":
+        out = rules.dot_general(invals, params, ctx.dropout_fn())
+    elif name == "conv_general_dilated":
+        out = rules.conv_general_dilated(invals, params, ctx.dropout_fn())
+    elif name == "gather":
+        out = rules.gather(invals, params)
+    if out is not None:
+        for x in lazy:
+            ctx.record(x.path, name)
+        return [out]
+    concrete = [_materialize_or_raise(x, name, ctx) for x in invals]
+    ans = prim.bind(*concrete, **prim.get_bind_params(params))
+    return ans if prim.multiple_results else [ans]
+
+
+def _remat(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
+    jaxpr = params["jaxpr"]
+    body = jax.checkpoint(
+        lambda *xs: _eval(jaxpr, [], xs, ctx), prevent_cse=params["prevent_cse"], policy=params["policy"]
+    )
+    return list(body(*invals))
+
+
+def _scan_slices(x: LazyKernel) -> tuple[tuple[jax.Array, ...], Callable[..., LazyKernel]]:
+    """The arrays to scan over for a lazy kernel stacked along axis 0, and how to rebuild a slice."""
+    kind = x.kinds[0]
+    b_moved = jnp.moveaxis(x.b, 1, 0) if kind in "bs" else x.b
+    scanned = (x.w, x.a if kind in "as" else None, b_moved if kind in "bs" else None)
+    a_const, b_const = x.a, x.b
+
+    def rebuild(w: jax.Array, a: jax.Array | None, b: jax.Array | None) -> LazyKernel:
+        return LazyKernel(w, a_const if a is None else a, b_const if b is None else b, x.kinds[1:], x.scale, x.path)
+
+    return scanned, rebuild
+
+
+def _scan(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    closed = params["jaxpr"]
+    consts, carry, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+    carry = [_materialize_or_raise(c, "scan carry", ctx) for c in carry]
+    packed, rebuilders = [], {}
+    for i, x in enumerate(xs):
+        if isinstance(x, LazyKernel):
+            packed.append(_scan_slices(x)[0])
+            rebuilders[i] = _scan_slices(x)[1]
+        else:
+            packed.append(x)
+    site_key = ctx.next_key() if ctx.dropout > 0 else None
+    steps = None if site_key is None else jnp.arange(params["length"])  # per-step dropout keys
+
+    def body(carry_in, xs_in):
+        step, xs_in = xs_in
+        vals = [rebuilders[i](*x) if i in rebuilders else x for i, x in enumerate(xs_in)]
+        child = ctx.child(None if site_key is None else jax.random.fold_in(site_key, step))
+        outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry_in, *vals], child)
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = lax.scan(
+        body, carry, (steps, packed), length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
+    )
+    return [*carry_out, *ys]
+
+
+def _cond(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
+    index, ops = invals[0], invals[1:]
+    branches = [(lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, ctx.child(ctx.key))) for br in params["branches"]]
+    return list(lax.switch(index, branches, *ops))
+
+
+def _while(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    init = [_materialize_or_raise(x, "while_loop carry", ctx) for x in init]
+    cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
+    out = lax.while_loop(
+        lambda c: _eval(cj.jaxpr, cj.consts, [*cconsts, *c], ctx.child(ctx.key))[0],
+        lambda c: _eval(bj.jaxpr, bj.consts, [*bconsts, *c], ctx.child(ctx.key)),
+        init,
+    )
+    return list(out)
+
+
+_HIGHER_ORDER = {"remat2": _remat, "checkpoint": _remat, "scan": _scan, "cond": _cond, "while": _while}
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class Factored:
+    """The function returned by :func:`factored`; call it, or ``.explain(...)`` it."""
+
+    def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, dropout: float):
+        self.fn, self.materialize, self.on_materialize, self.dropout = fn, materialize, on_materialize, dropout
+
+    def __call__(self, params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
+        """``fn(apply_lora(params, lora), *args, **kwargs)``, computed factored (see :func:`factored`)."""
+        return self._run(params, lora, args, kwargs, dropout_rng, {})
+
+    def explain(self, params: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, tuple[str, ...]]:
+        """Which rule consumed each adapted kernel: ``{path: ("dot_general", ...)}``.
+
+        Traces only (``jax.eval_shape``); an unused kernel maps to ``()``; an opted-in
+        leaf shows ``"materialized (<primitive>)"``.
+        """
+        report: dict[str, list[str]] = {}
+        jax.eval_shape(lambda: self._run(params, lora, args, kwargs, None, report))
+        paths = [p for p, n in adapter_items(lora).items() if isinstance(n, LoraWeights)]
+        return {p: tuple(report.get(p, ())) for p in paths}
+
+    def _run(self, params, lora, args, kwargs, dropout_rng, report) -> Any:
+        items = adapter_items(lora)
+        jax.eval_shape(apply_lora, params, lora)  # validates paths and shapes, with clear errors
+        flat, pdef = jax.tree_util.tree_flatten_with_path(params)
+        leaves, inputs = [], []
+        for key_path, leaf in flat:
+            node = items.get(path_str(key_path))
+            if isinstance(node, Trainable):
+                leaf = node.apply_to(leaf)
+            leaves.append(leaf)
+            inputs.append(lz.from_weights(leaf, node, path_str(key_path)) if isinstance(node, LoraWeights) else leaf)
+        arg_leaves, adef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = [_is_dynamic(x) for x in arg_leaves]
+        dyn = [x for x, d in zip(arg_leaves, dynamic, strict=True) if d]
+
+        def flat_fn(p_leaves, d_leaves):
+            it = iter(d_leaves)
+            a, kw = jax.tree_util.tree_unflatten(
+                adef, [next(it) if d else x for x, d in zip(arg_leaves, dynamic, strict=True)]
+            )
+            return self.fn(jax.tree_util.tree_unflatten(pdef, p_leaves), *a, **kw)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
+        if self.dropout > 0 and dropout_rng is not None and jnp.issubdtype(jnp.asarray(dropout_rng).dtype, jnp.integer):
+            dropout_rng = jax.random.wrap_key_data(dropout_rng)
+        ctx = _Context(self.materialize, self.on_materialize, self.dropout, dropout_rng, report)
+        outs = _eval(closed.jaxpr, closed.consts, [*inputs, *dyn], ctx)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def factored(
+    fn: Callable[..., Any],
+    *,
+    materialize: Iterable[str] | str = (),
+    on_materialize: Callable[[str, str], None] | None = None,
+    dropout: float = 0.0,
+) -> Factored:
+    """Wrap ``fn(params, *args)`` to run with every adapted kernel factored.
+
+    ``factored(fn)(params, lora, *args, **kwargs)`` equals
+    ``fn(apply_lora(params, lora), *args, **kwargs)`` in value and in its
+    gradients with respect to ``lora``, but each adapted kernel is used as
+    ``x·W + s·(x·A)·B``: ``W + BA`` is never formed and ``W`` gets no gradient.
+    Works under ``jit``, ``grad``, ``vmap``, ``jax.checkpoint``, ``lax.scan``
+    and flax ``nn.scan``, for flax linen (``fn = lambda p, x:
+    model.apply({"params": p}, x)``) and NNX (``graphdef, state =
+    nnx.split(model)``; ``fn = lambda s, x: nnx.merge(graphdef, s)(x)``).
+    Array arguments are traced; other arguments (flags, Python numbers) are
+    passed to ``fn`` as they are. Call it under ``jax.jit``: each call traces ``fn``.
+
+    Args:
+      fn: the model function; its first argument is the parameter pytree.
+      materialize: parameter paths (or regexes full-matching them) whose kernel
+        may be formed as ``W + BA`` when it reaches an operation that cannot be
+        factored; every such use is reported (``on_materialize`` and ``explain``).
+      on_materialize: called at trace time as ``on_materialize(path, primitive)``
+        for every materialized use.
+      dropout: LoRA dropout rate on the adapter input (PEFT's ``lora_dropout``;
+        pass ``spec.dropout``). Applied only when the call gets ``dropout_rng``:
+        ``y = x·W + s·(drop(x)·A)·B`` with ``drop(x) = mask·x/(1-p)``, the mask of
+        the k-th factored use drawn as ``bernoulli(fold_in(dropout_rng, k), 1-p, x.shape)``
+        (inside a scan, ``k`` indexes the scan's key, folded with the step).
+
+    Returns:
+      A callable ``(params, lora, *args, dropout_rng=None, **kwargs)`` with an
+      ``explain(params, lora, *args, **kwargs)`` method listing the rule that
+      consumed each adapted kernel.
+
+    Raises:
+      FactoredError: (a ``ValueError``) when an adapted kernel reaches an
+        operation that cannot be factored and its path is not in ``materialize``;
+        the message names the primitive and the parameter path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora, apply_lora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], init="random"))
+      >>> fn = lambda p, x: x @ p["dense"]["kernel"]
+      >>> x = jnp.ones((5, 4))
+      >>> y = jax.jit(factored(fn))(params, lora, x)
+      >>> bool(jnp.allclose(y, fn(apply_lora(params, lora), x), atol=1e-5))
+      True
+      >>> factored(fn).explain(params, lora, x)
+      {'dense/kernel': ('dot_general',)}
+    """
+    if isinstance(materialize, str):
+        materialize = (materialize,)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"factored(dropout=...) must be in [0, 1) (pass spec.dropout); found {dropout!r}.")
+    return Factored(fn, tuple(materialize), on_materialize, float(dropout))
+
+
+__all__ = ["FactoredError", "factored"]

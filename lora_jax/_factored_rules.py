@@ -1,0 +1,248 @@
+"""Per-primitive rules of :func:`lora_jax.factored` for a :class:`LazyKernel` operand.
+
+Two families:
+
+* *layout rules* follow a reshape, transpose, dtype cast, broadcast, squeeze
+  or static slice of the kernel: the primitive is applied to the base ``w`` and
+  mirrored on the factors (no kernel-sized work beyond what the model already
+  does to ``W``);
+* *use rules* consume the kernel: ``dot_general`` (Dense, DenseGeneral, einsum,
+  ``x @ E.T``), ``conv_general_dilated`` and ``gather`` (embedding lookups,
+  ``take``). Each computes the base result with ``w`` unchanged and adds the
+  adapter branch through the rank-``r`` bottleneck, e.g.
+  ``x·W + s·(x·A)·B``; which factor meets ``x`` first is chosen by the size
+  of the intermediate, so ``x @ E.T`` with an embedding adapter is factored too.
+
+Every rule returns ``None`` when it cannot factor the use; the interpreter then
+raises (or materializes the leaf, if the caller opted in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax import _factored_lazy as lz
+from lora_jax._factored_lazy import RANK_LETTER, LazyKernel
+
+Dropout = Callable[[jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------- layout rules
+
+
+def _bind(prim: Any, *args: Any, **params: Any) -> Any:
+    return prim.bind(*args, **params)
+
+
+def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, Any]) -> LazyKernel | None:
+    """Apply a layout primitive to ``lk``; ``None`` if ``prim`` is not one (or not followable)."""
+    name = prim.name
+    if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"):
+        return lk.replace(w=_bind(prim, lk.w, **params))
+    if name == "transpose":
+        return lz.transpose(lk, tuple(params["permutation"]), _bind(prim, lk.w, **params))
+    if name == "reshape":
+        if params.get("dimensions") is not None:
+            return None
+        return lz.reshape(lk, tuple(params["new_sizes"]), _bind(prim, lk.w, **params), name)
+    if name == "squeeze":
+        return lz.squeeze(lk, tuple(params["dimensions"]), _bind(prim, lk.w, **params))
+    if name == "broadcast_in_dim":
+        if rest:  # dynamic shapes
+            return None
+        new_w = _bind(prim, lk.w, **params)
+        return lz.broadcast_in_dim(lk, tuple(params["shape"]), tuple(params["broadcast_dimensions"]), new_w)
+    if name == "slice":
+        strides = params.get("strides")
+        if strides is not None and any(s != 1 for s in strides):
+            return None
+        starts = list(params["start_indices"])
+        sizes = [hi - lo for lo, hi in zip(params["start_indices"], params["limit_indices"], strict=True)]
+        return lz.slice_axes(lk, starts, sizes, _bind(prim, lk.w, **params))
+    if name == "dynamic_slice":
+        if any(isinstance(r, LazyKernel) for r in rest):
+            return None
+        new_w = _bind(prim, lk.w, *rest, **params)
+        # clamp like dynamic_slice does, so the factors are sliced at the same offsets
+        starts = [jnp.clip(s, 0, n - size) for s, n, size in zip(rest, lk.shape, params["slice_sizes"], strict=True)]
+        return lz.slice_axes(lk, starts, list(params["slice_sizes"]), new_w)
+    return None
+
+
+# --------------------------------------------------------------------------- use rules
+
+
+def _fresh(n: int, used: set[str]) -> list[str]:
+    out = []
+    for c in lz.LETTERS:
+        if len(out) == n:
+            break
+        if c not in used:
+            out.append(c)
+            used.add(c)
+    if len(out) < n:
+        raise lz.FactoredError("factored(): too many axes for an einsum (more than 51).")
+    return out
+
+
+def factored_product(
+    x: jax.Array,
+    xs: str,
+    lk: LazyKernel,
+    ks: str,
+    out: str,
+    *,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``scale * einsum(x, a ⊗ b)`` computed as two einsums through the rank axis.
+
+    ``xs``/``ks``/``out`` name the axes of ``x``, of the kernel and of the
+    result; kernel axes of kind ``"n"`` that appear only in ``out`` are
+    broadcast at the end.
+    """
+    sa, sb = lk.letters(ks)
+    a, b = lk.a.astype(lk.dtype), lk.b.astype(lk.dtype)
+    sizes = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(sa, a.shape, strict=True))}
+    sizes.update(zip(sb, b.shape, strict=True))
+    known = "".join(c for c in out if c in xs or c in sa or c in sb)
+
+    def inter(p: str, q: str) -> str:
+        keep = set(q) | set(known)
+        return "".join(dict.fromkeys(c for c in xs + p if c in keep))
+
+    options = [(sa, a, sb, b), (sb, b, sa, a)]
+    ps, pv, qs, qv = min(options, key=lambda o: math.prod(sizes[c] for c in inter(o[0], o[2])))
+    ts = inter(ps, qs)
+    kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+    t = jnp.einsum(f"{xs},{ps}->{ts}", x, pv, **kw)
+    y = jnp.einsum(f"{ts},{qs}->{known}", t, qv.astype(t.dtype), **kw)
+    y = y * jnp.asarray(lk.scale, y.dtype)
+    if known != out:
+        k_sizes = dict(zip(ks, lk.shape, strict=True))
+        y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
+        y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in out))
+    return y
+
+
+def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> jax.Array | None:
+    """``x·W + s·(x·A)·B`` for ``dot_general`` with the kernel on either side."""
+    lhs, rhs = invals
+    if isinstance(lhs, LazyKernel) and isinstance(rhs, LazyKernel):
+        return None
+    kernel_rhs = isinstance(rhs, LazyKernel)
+    lk, x = (rhs, lhs) if kernel_rhs else (lhs, rhs)
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    (kc, xc), (kb, xb) = ((rc, lc), (rb, lb)) if kernel_rhs else ((lc, rc), (lb, rb))
+    used: set[str] = set(RANK_LETTER)
+    xl = _fresh(x.ndim, used)
+    kl: list[str | None] = [None] * len(lk.shape)
+    for i, k in zip(xc, kc, strict=True):
+        kl[k] = xl[i]
+    for i, k in zip(xb, kb, strict=True):
+        kl[k] = xl[i]
+    free = iter(_fresh(sum(v is None for v in kl), used))
+    kl = [v if v is not None else next(free) for v in kl]
+    batch = [xl[i] for i in xb]
+    x_free = [c for i, c in enumerate(xl) if i not in xc and i not in xb]
+    k_free = [c for k, c in enumerate(kl) if k not in kc and k not in kb]
+    out = "".join(batch + (x_free + k_free if kernel_rhs else k_free + x_free))
+    base = lax.dot_general_p.bind(*((x, lk.w) if kernel_rhs else (lk.w, x)), **params)
+    y = factored_product(
+        dropout(x),
+        "".join(xl),
+        lk,
+        "".join(kl),
+        out,
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+    )
+    return base + y.astype(base.dtype)
+
+
+def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> jax.Array | None:
+    """A conv of ``x`` with A (``(*window, in) -> r``), then a 1x1 map ``r -> out`` with B."""
+    x, lk = invals
+    if isinstance(x, LazyKernel) or not isinstance(lk, LazyKernel):
+        return None
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    dn = params["dimension_numbers"]
+    out_feat = dn.rhs_spec[0]
+    if lk.kinds[out_feat] != "b" or any(c != "a" for k, c in enumerate(lk.kinds) if k != out_feat):
+        return None
+    base = lax.conv_general_dilated_p.bind(x, lk.w, **params)
+    a_kernel = jnp.moveaxis(lk.a.astype(lk.dtype), -1, out_feat)
+    t = lax.conv_general_dilated_p.bind(dropout(x), a_kernel, **params)
+    feat = dn.out_spec[1]
+    t = jnp.moveaxis(t, feat, -1)
+    y = jnp.einsum("...z,zo->...o", t, lk.b.astype(t.dtype), precision=params.get("precision"))
+    y = jnp.moveaxis(y, -1, feat) * jnp.asarray(lk.scale, y.dtype)
+    return base + y.astype(base.dtype)
+
+
+def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
+    """Gather rows of W and of the factor that owns the indexed axes, then map through the rank axis."""
+    lk, indices = invals
+    if not isinstance(lk, LazyKernel) or isinstance(indices, LazyKernel):
+        return None
+    dn = params["dimension_numbers"]
+    if dn.operand_batching_dims:
+        return None
+    slice_sizes = tuple(params["slice_sizes"])
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    kinds = {lk.kinds[k] for k in indexed}
+    if kinds not in ({"a"}, {"b"}):
+        return None
+    p_kind = kinds.pop()
+    if any(slice_sizes[k] != n for k, n in enumerate(lk.shape) if k not in indexed):
+        return None
+    base = lax.gather_p.bind(lk.w, indices, **params)
+    used: set[str] = set(RANK_LETTER)
+    kl = _fresh(len(lk.shape), used)
+    ks = "".join(kl)
+    sa, sb = lk.letters(ks)
+    ps, pv, qs, qv = (sa, lk.a, sb, lk.b) if p_kind == "a" else (sb, lk.b, sa, lk.a)
+    p_kernel_axes = lk.a_axes() if p_kind == "a" else lk.b_axes()
+    p_axis = {k: i for i, k in enumerate(p_kernel_axes)}
+    if p_kind == "b":
+        p_axis = {k: i + 1 for k, i in p_axis.items()}
+    r_axis = pv.ndim - 1 if p_kind == "a" else 0
+    p_sizes = [0] * pv.ndim
+    for k, i in p_axis.items():
+        p_sizes[i] = slice_sizes[k]
+    p_sizes[r_axis] = pv.shape[r_axis]
+    collapsed = tuple(sorted(p_axis[k] for k in dn.collapsed_slice_dims))
+    n_out = base.ndim
+    n_batch = n_out - len(dn.offset_dims)
+    n_offset = pv.ndim - len(collapsed)
+    p_dn = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(n_batch, n_batch + n_offset)),
+        collapsed_slice_dims=collapsed,
+        start_index_map=tuple(p_axis[k] for k in dn.start_index_map),
+        operand_batching_dims=(),
+        start_indices_batching_dims=(),
+    )
+    t = lax.gather_p.bind(
+        pv.astype(lk.dtype), indices, **{**params, "dimension_numbers": p_dn, "slice_sizes": tuple(p_sizes)}
+    )
+    batch_letters = _fresh(n_batch, used)
+    kept_kernel = [kl[k] for k in range(len(kl)) if k not in dn.collapsed_slice_dims]
+    out, bi, oi = [], iter(batch_letters), iter(kept_kernel)
+    for d in range(n_out):
+        out.append(next(oi) if d in dn.offset_dims else next(bi))
+    p_letters = [c for i, c in enumerate(ps) if i not in collapsed]
+    ts = "".join(batch_letters) + "".join(p_letters)
+    known = "".join(c for c in out if c in ts or c in qs)
+    y = jnp.einsum(f"{ts},{qs}->{known}", t, qv.astype(t.dtype))
+    y = y * jnp.asarray(lk.scale, y.dtype)
+    if known != "".join(out):
+        y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
+        y = jnp.broadcast_to(y, base.shape)
+    return base + y.astype(base.dtype)

@@ -1,0 +1,340 @@
+"""Sharded adapters: shardings derived from the base, and sharded creation.
+
+An adapter follows the sharding of the kernel it adapts. For a kernel ``W``
+with layout ``layout`` (see :mod:`lora_jax._layout`) and partition
+``P(*entries)``:
+
+* A ``(*batch, *in, r)`` takes the entries of W's batch and input axes, and
+  the rank axis is replicated: ``P(*batch, *in, None)``;
+* B ``(*batch, r, *out)`` takes the entries of W's batch and output axes:
+  ``P(*batch, None, *out)``;
+* a leaf trained in full (:class:`Trainable`) keeps the base leaf's sharding.
+
+So a column-parallel kernel ``(d, ff)`` with ``P(None, "model")`` gets
+``A: P(None, None)`` and ``B: P(None, "model")``, a row-parallel one
+``(ff, d)`` with ``P("model", None)`` gets ``A: P("model", None)`` and
+``B: P(None, None)``: ``x @ A`` and ``(x @ A) @ B`` then need the same
+collectives as ``x @ W``, and no device holds more of an adapter than its part.
+:func:`init_lora_sharded` creates the adapters under ``jax.jit`` with these
+``out_shardings``, so they are born sharded (no full copy on any device, no
+later ``device_put``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from lora_jax._adapters import LoraWeights, Trainable, is_adapter
+from lora_jax._init import init_lora
+from lora_jax._paths import flatten_with_paths, map_with_paths
+from lora_jax._spec import LoraSpec
+from lora_jax._targets import resolve
+
+
+def _is_sharding_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, (PartitionSpec, Sharding, jax.ShapeDtypeStruct, jax.Array))
+
+
+def _base_sharding(path: str, leaf: Any) -> Any:
+    """The PartitionSpec / Sharding / None that ``leaf`` stands for."""
+    if leaf is None or isinstance(leaf, (PartitionSpec, Sharding)):
+        return leaf
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return getattr(leaf, "sharding", None)
+    raise TypeError(
+        f"{path}: expected a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct "
+        f"carrying .sharding for this base leaf; found {type(leaf).__name__}. Pass the params' shardings, "
+        f"e.g. jax.tree_util.tree_map(lambda x: x.sharding, params)."
+    )
+
+
+def _entries(path: str, spec: PartitionSpec, layout: str) -> list[Any]:
+    entries = list(spec)
+    if len(entries) > len(layout):
+        raise ValueError(
+            f"{path}: the base partition {spec} has {len(entries)} entries but the kernel has "
+            f"{len(layout)} axes (layout {layout!r}); give at most one entry per kernel axis."
+        )
+    return entries + [None] * (len(layout) - len(entries))
+
+
+def adapter_partition_specs(spec: PartitionSpec, layout: str, *, path: str = "") -> tuple[PartitionSpec, PartitionSpec]:
+    """The partitions of A and B for a kernel partitioned by ``spec``.
+
+    Args:
+      spec: the kernel's ``PartitionSpec`` (shorter specs are padded with ``None``).
+      layout: the kernel layout, e.g. ``"io"``, ``"ioo"``, ``"bio"``.
+      path: the parameter path, used in error messages.
+
+    Returns:
+      ``(spec_a, spec_b)``: ``P(*batch, *in, None)`` and ``P(*batch, None, *out)``,
+      without trailing ``None``\\ s (as ``jax.jit`` writes its output shardings).
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> adapter_partition_specs(P(None, "model", None), "ioo")  # column-parallel attention
+      (P(), P(None, 'model'))
+      >>> adapter_partition_specs(P("layers", "model", None), "bio")  # stacked, row-parallel
+      (P('layers', 'model'), P('layers',))
+    """
+    entries = _entries(path, spec, layout)
+    pick = lambda letter: [e for e, c in zip(entries, layout, strict=True) if c == letter]  # noqa: E731
+    return _trimmed([*pick("b"), *pick("i"), None]), _trimmed([*pick("b"), None, *pick("o")])
+
+
+def _trimmed(entries: list[Any]) -> PartitionSpec:
+    """A spec without trailing ``None``\\ s: the form ``jax.jit`` gives its outputs, so that
+    shardings compare equal (``==``) and a step fed its own outputs does not recompile."""
+    while entries and entries[-1] is None:
+        entries = entries[:-1]
+    return PartitionSpec(*entries)
+
+
+def _derive_one(path: str, base: Any, node: Any, mesh: Any) -> Any:
+    if isinstance(node, Trainable):
+        if isinstance(base, PartitionSpec) and mesh is not None:
+            base = NamedSharding(mesh, base)
+        return Trainable(base)
+    if base is None:
+        return LoraWeights(a=None, b=None, scale=node.scale, layout=node.layout, kind=node.kind)
+    if isinstance(base, PartitionSpec):
+        sa, sb = adapter_partition_specs(base, node.layout, path=path)
+        if mesh is not None:
+            sa, sb = NamedSharding(mesh, sa), NamedSharding(mesh, sb)
+    elif isinstance(base, NamedSharding):
+        pa, pb = adapter_partition_specs(base.spec, node.layout, path=path)
+        sa = NamedSharding(base.mesh, pa, memory_kind=base.memory_kind)
+        sb = NamedSharding(base.mesh, pb, memory_kind=base.memory_kind)
+    elif base.is_fully_replicated:
+        sa = sb = base  # e.g. SingleDeviceSharding: the adapter lives where the kernel lives
+    else:
+        raise TypeError(
+            f"{path}: the base kernel has a {type(base).__name__}, which does not name its partitioned "
+            f"axes; adapter shardings are derived from a NamedSharding or a PartitionSpec. Shard the "
+            f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
+        )
+    return LoraWeights(a=sa, b=sb, scale=node.scale, layout=node.layout, kind=node.kind)
+
+
+def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """Adapter shardings derived from the base params' shardings.
+
+    A takes the partition of W's batch and input axes, B that of W's batch and
+    output axes, the rank axis is replicated; a :class:`Trainable` leaf keeps
+    the base leaf's sharding (see the module docstring). The result has the
+    structure of ``lora`` (``LoraWeights`` nodes holding shardings in ``a`` and
+    ``b``), so it can be passed as ``jax.jit(..., out_shardings=...)`` or to
+    ``jax.device_put``.
+
+    Args:
+      shardings: a tree with the structure of the params (or a tree of which
+        every adapted path is a leaf) whose leaves are ``PartitionSpec``\\ s,
+        ``NamedSharding``\\ s, ``None``, or arrays / ``ShapeDtypeStruct``\\ s
+        carrying ``.sharding`` (so the sharded params themselves work).
+      lora: the adapter tree, real or abstract (``jax.eval_shape`` of
+        :func:`lora_jax.init_lora`).
+      mesh: if given, ``PartitionSpec`` results are wrapped in
+        ``NamedSharding(mesh, ...)``.
+
+    Returns:
+      A tree shaped like ``lora`` with a sharding (or spec) per array.
+
+    Raises:
+      ValueError: if an adapter path is missing from ``shardings`` or a
+        partition has more entries than the kernel has axes.
+      TypeError: on a sharding that does not name its axes (not a
+        ``NamedSharding``) and is not fully replicated.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"mlp_in": {"kernel": jnp.ones((8, 32))}, "mlp_out": {"kernel": jnp.ones((32, 8))}}
+      >>> specs = {"mlp_in": {"kernel": P(None, "model")}, "mlp_out": {"kernel": P("model", None)}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=4, targets=["mlp_in", "mlp_out"]))
+      >>> sh = adapter_shardings(specs, lora)
+      >>> sh["mlp_in"]["kernel"].a, sh["mlp_in"]["kernel"].b
+      (P(), P(None, 'model'))
+      >>> sh["mlp_out"]["kernel"].a, sh["mlp_out"]["kernel"].b
+      (P('model',), P())
+    """
+    flat = flatten_with_paths(shardings, is_leaf=_is_sharding_leaf)
+
+    def one(path: str, node: Any) -> Any:
+        if not is_adapter(node):
+            raise TypeError(
+                f"{path}: expected an adapter tree of LoraWeights / Trainable nodes (as made by init_lora); "
+                f"found {type(node).__name__}."
+            )
+        if path not in flat:
+            near = difflib.get_close_matches(path, list(flat), n=3, cutoff=0.0)
+            raise ValueError(
+                f"{path}: the adapter tree has this path but the base shardings do not (nearest: "
+                f"{', '.join(near) or 'none'}). Pass shardings with the structure of the params the "
+                f"adapter was made for."
+            )
+        base = _base_sharding(path, flat[path])
+        if isinstance(flat[path], (jax.Array, jax.ShapeDtypeStruct)) and tuple(flat[path].shape) != tuple(
+            node.kernel_shape
+        ):
+            raise ValueError(
+                f"{path}: the adapter fits a kernel of shape {tuple(node.kernel_shape)}, but the base leaf "
+                f"has shape {tuple(flat[path].shape)}; the adapter was made for other params."
+            )
+        return _derive_one(path, base, node, mesh)
+
+    return map_with_paths(one, lora, is_leaf=is_adapter)
+
+
+def _abstract(path: str, leaf: Any) -> jax.ShapeDtypeStruct:
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise TypeError(f"{path}: params leaves must be arrays or ShapeDtypeStructs; found {type(leaf).__name__}.")
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+
+def init_lora_sharded(
+    key: jax.Array,
+    params: Any,
+    spec: LoraSpec,
+    *,
+    shardings: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Any:
+    """:func:`lora_jax.init_lora`, with every adapter created already sharded.
+
+    The adapters are made under ``jax.jit`` with ``out_shardings`` from
+    :func:`adapter_shardings`, so each device computes and holds only its part:
+    no device ever holds a full copy of a sharded adapter. The values equal
+    :func:`lora_jax.init_lora`'s (same per-path keys).
+
+    Args:
+      key: a JAX PRNG key.
+      params: the base params: sharded ``jax.Array``\\ s or
+        ``ShapeDtypeStruct``\\ s with ``.sharding`` (e.g. from
+        ``jax.eval_shape`` plus the model's partitioning). Leaves trained in
+        full (``LoraSpec(trainable=...)``) must be real arrays.
+      spec: which kernels to adapt and how.
+      shardings: optional base shardings (a params-shaped tree of
+        ``NamedSharding`` or ``PartitionSpec``); by default the params' own.
+      mesh: required when ``shardings`` holds ``PartitionSpec``\\ s.
+
+    Returns:
+      The adapter tree, each array laid out with its derived sharding.
+
+    Raises:
+      ValueError: if a sharding cannot be derived (see
+        :func:`adapter_shardings`), if ``PartitionSpec``\\ s come without a
+        ``mesh``, or if a leaf trained in full has no value.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from lora_jax import LoraSpec
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> params = {"mlp_in": {"kernel": jax.ShapeDtypeStruct((8, 32), jnp.float32)}}
+      >>> specs = {"mlp_in": {"kernel": P(None, "model")}}
+      >>> lora = init_lora_sharded(jax.random.key(0), params, LoraSpec(rank=4), shardings=specs, mesh=mesh)
+      >>> lora["mlp_in"]["kernel"].b.sharding.spec
+      P(None, 'model')
+    """
+    abstract = map_with_paths(_abstract, params)
+    _, trainable = resolve(abstract, spec)
+    flat = flatten_with_paths(params)
+    values = {}
+    for path in sorted(trainable):
+        if not isinstance(flat[path], jax.Array):
+            raise ValueError(
+                f"{path}: LoraSpec(trainable=...) selects this leaf, which is trained in full from its current "
+                f"value, but params hold only its shape ({type(flat[path]).__name__}). Pass the real array."
+            )
+        values[path] = flat[path]
+
+    def make(key: jax.Array, values: dict[str, jax.Array]) -> Any:
+        full = map_with_paths(lambda path, x: values.get(path, x), abstract)
+        return init_lora(key, full, spec)
+
+    abstract_lora = jax.eval_shape(make, key, values)
+    out = adapter_shardings(params if shardings is None else shardings, abstract_lora, mesh=mesh)
+    for path, s in flatten_with_paths(out, is_leaf=_is_sharding_leaf).items():
+        if isinstance(s, PartitionSpec):
+            raise ValueError(
+                f"{path}: the base shardings are PartitionSpecs but no mesh was given; call "
+                f"init_lora_sharded(..., mesh=mesh) or pass NamedShardings."
+            )
+    return jax.jit(make, out_shardings=out)(key, values)
+
+
+def _key_strs(key_path: tuple) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr((k,)) for k in key_path)
+
+
+def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
+    """Shardings for ``tx``'s state over ``lora``: each per-adapter buffer follows its adapter.
+
+    ``jax.jit(tx.init)(lora)`` does not propagate the adapters' shardings to
+    state made by ``zeros_like`` (Adam's ``mu``/``nu`` land whole on one
+    device). Pass this as ``out_shardings`` instead. A state leaf whose key
+    path ends with an adapter array's key path and has its shape (``mu``,
+    ``nu``, momentum, EMA, ...) gets that array's sharding; any other leaf
+    (step counts, factored second moments) is replicated over the mesh.
+
+    Args:
+      tx: an optax ``GradientTransformation``.
+      lora: the adapter tree (sharded arrays, or abstract with ``.sharding``).
+      shardings: the adapter shardings (e.g. from :func:`adapter_shardings`);
+        by default the ``.sharding`` of ``lora``'s arrays.
+
+    Returns:
+      A tree with the structure of ``tx.init(lora)`` holding shardings.
+
+    Raises:
+      ValueError: if no adapter array carries a ``NamedSharding`` to take the
+        mesh from.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> from lora_jax import LoraSpec
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> params = {"mlp_in": {"kernel": jax.ShapeDtypeStruct((8, 32), jnp.float32)}}
+      >>> specs = {"mlp_in": {"kernel": P(None, "model")}}
+      >>> lora = init_lora_sharded(jax.random.key(0), params, LoraSpec(rank=4), shardings=specs, mesh=mesh)
+      >>> tx = optax.adam(1e-3)
+      >>> state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, lora))(lora)
+      >>> state[0].mu["mlp_in"]["kernel"].b.sharding.spec
+      P(None, 'model')
+    """
+    if shardings is None:
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, lora)
+    arrays = dict(
+        zip(
+            (_key_strs(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(lora)[0]),
+            zip(
+                jax.tree_util.tree_leaves(lora),
+                jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: isinstance(s, (Sharding, PartitionSpec))),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
+    meshes = [s.mesh for _, s in arrays.values() if isinstance(s, NamedSharding)]
+    if not meshes:
+        raise ValueError(
+            "optimizer_shardings: no adapter array carries a NamedSharding to take the mesh from; create the "
+            "adapters with init_lora_sharded, or pass shardings=adapter_shardings(params_shardings, lora, mesh=mesh)."
+        )
+    replicated = NamedSharding(meshes[0], PartitionSpec())
+
+    def one(key_path: tuple, leaf: Any) -> Any:
+        keys = _key_strs(key_path)
+        for start in range(len(keys)):
+            match = arrays.get(keys[start:])
+            if match is not None and tuple(match[0].shape) == tuple(leaf.shape):
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, lora))

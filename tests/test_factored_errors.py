@@ -1,0 +1,105 @@
+"""factored(): loud errors for unfactorable uses, the materialize opt-in, and LoRA dropout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax import FactoredError, LoraWeights, factored
+
+
+def _rand(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+PARAMS = {"dense": {"kernel": _rand(1, (6, 4)), "bias": _rand(2, (4,))}}
+LORA = {"dense": {"kernel": LoraWeights(a=_rand(3, (6, 2)), b=_rand(4, (2, 4)), scale=0.75)}}
+X = _rand(5, (3, 6))
+
+
+@pytest.mark.parametrize(
+    "use, primitive",
+    [
+        (lambda k: jnp.cumsum(k, axis=0), "cumsum"),
+        (lambda k: jnp.sort(k, axis=0), "sort"),
+        (lambda k: jnp.linalg.norm(k, axis=0), "mul"),
+        (lambda k: k, "output of the function"),
+    ],
+)
+def test_unfactorable_use_raises_naming_primitive_and_path(use, primitive):
+    fn = lambda p, x: use(p["dense"]["kernel"])  # noqa: E731
+    with pytest.raises(FactoredError, match=rf"dense/kernel: .*`{primitive}`.*materialize=\['dense/kernel'\]"):
+        jax.eval_shape(lambda: factored(fn)(PARAMS, LORA, X))
+
+
+def test_reshape_mixing_input_and_output_axes_raises():
+    fn = lambda p, x: x[:, :4] @ p["dense"]["kernel"].reshape(4, 6)  # noqa: E731
+    with pytest.raises(FactoredError, match=r"dense/kernel: .*reshape.*\(6, 4\) to \(4, 6\)"):
+        jax.eval_shape(lambda: factored(fn)(PARAMS, LORA, X))
+
+
+def test_materialize_opt_in_forms_that_leaf_and_reports_it():
+    fn = lambda p, x: x @ p["dense"]["kernel"] + jnp.cumsum(p["dense"]["kernel"], 0)[:3, :1]  # noqa: E731
+    seen = []
+    g = factored(fn, materialize=["dense/kernel"], on_materialize=lambda path, prim: seen.append((path, prim)))
+    out = jax.jit(lambda lo: g(PARAMS, lo, X))(LORA)
+    ref = fn(lora_jax.apply_lora(PARAMS, LORA), X)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert seen == [("dense/kernel", "cumsum")]
+    assert g.explain(PARAMS, LORA, X) == {"dense/kernel": ("dot_general", "materialized (cumsum)")}
+    grads = jax.grad(lambda lo: g(PARAMS, lo, X).sum())(LORA)
+    ref_grads = jax.grad(lambda lo: fn(lora_jax.apply_lora(PARAMS, lo), X).sum())(LORA)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_takes_regexes():
+    fn = lambda p, x: jnp.sort(p["dense"]["kernel"], 0)  # noqa: E731
+    out = factored(fn, materialize=r"dense/.*")(PARAMS, LORA, X)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(fn(lora_jax.apply_lora(PARAMS, LORA), X)), rtol=1e-6)
+
+
+def test_lora_dropout_matches_closed_form_with_known_mask():
+    p, key = 0.4, jax.random.key(3)
+    fn = lambda prm, x: x @ prm["dense"]["kernel"] + prm["dense"]["bias"]  # noqa: E731
+    g = factored(fn, dropout=p)
+    out = jax.jit(lambda lo, k: g(PARAMS, lo, X, dropout_rng=k))(LORA, key)
+    mask = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 1 - p, X.shape), np.float64)
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    node = LORA["dense"]["kernel"]
+    x, w, bias = f64(X), f64(PARAMS["dense"]["kernel"]), f64(PARAMS["dense"]["bias"])
+    expected = x @ w + bias + 0.75 * ((mask * x / (1 - p)) @ f64(node.a)) @ f64(node.b)
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    # without a key there is no dropout (evaluation), and the base path never sees the mask
+    no_drop = g(PARAMS, LORA, X)
+    np.testing.assert_allclose(np.asarray(no_drop), np.asarray(fn(lora_jax.apply_lora(PARAMS, LORA), X)), rtol=1e-5)
+
+
+def test_dropout_rate_is_validated():
+    with pytest.raises(ValueError, match=r"factored\(dropout=...\) must be in \[0, 1\)"):
+        factored(lambda p: p, dropout=1.0)
+
+
+def test_mismatched_adapter_raises_with_path():
+    bad = {"dense": {"kernel": LoraWeights(a=_rand(3, (5, 2)), b=_rand(4, (2, 4)))}}
+    with pytest.raises(ValueError, match=r"dense/kernel: the adapter fits a kernel of shape \(5, 4\)"):
+        factored(lambda p, x: x @ p["dense"]["kernel"])(PARAMS, bad, X)
+
+
+def test_lora_dropout_inside_scan_draws_a_mask_per_step():
+    p, key = 0.5, jax.random.key(4)
+    w = _rand(6, (2, 6, 6))
+    node = LoraWeights(a=_rand(7, (2, 6, 2)), b=_rand(8, (2, 2, 6)), scale=0.5, layout="bio")
+    fn = lambda prm, x: jax.lax.scan(lambda h, k: (h @ k, None), x, prm["k"])[0]  # noqa: E731
+    out = jax.jit(lambda lo, k: factored(fn, dropout=p)({"k": w}, lo, X, dropout_rng=k))({"k": node}, key)
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    h = f64(X)
+    for i in range(2):  # the scan is use 0; inside it, step i's first use has key fold_in(fold_in(key, 0), i), 0)
+        step_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), i), 0)
+        mask = np.asarray(jax.random.bernoulli(step_key, 1 - p, h.shape), np.float64)
+        h = h @ f64(w[i]) + 0.5 * ((mask * h / (1 - p)) @ f64(node.a[i])) @ f64(node.b[i])
+    np.testing.assert_allclose(np.asarray(out), h, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,121 @@
+"""factored() on whole models: linen GPT (looped and nn.scan), NNX; and no kernel-sized values in training."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jcore
+
+import lora_jax
+from lora_jax import factored
+from lora_jax.models.gpt import GPT, GPTConfig, cross_entropy, lora_axes
+
+TARGETS = ["query", "key", "value", "out", "mlp_in", "mlp_out", "tok_embed"]
+
+
+def _rand_like(tree, seed=0):
+    leaves, treedef = jax.tree.flatten(tree)
+    rng = np.random.default_rng(seed)
+    return treedef.unflatten([jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+
+
+def _gpt(scan: bool, trainable=("lm_head",)):
+    # sizes chosen so that no activation has the shape of a kernel
+    cfg = GPTConfig(vocab=56, d_model=24, heads=3, layers=2 if scan else 1, d_ff=40, max_len=10, scan=scan)
+    model = GPT(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (2, cfg.max_len)), jnp.int32)
+    params = _rand_like(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    spec = lora_jax.LoraSpec(rank=4, alpha=8.0, targets=TARGETS, axes=lora_axes(cfg), trainable=list(trainable))
+    lora = _rand_like(jax.eval_shape(lambda: lora_jax.init_lora(jax.random.key(1), params, spec)), seed=1)
+    return model, params, lora, tokens
+
+
+def _losses(model, params, tokens):
+    fn = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    ref = lambda lo: cross_entropy(fn(lora_jax.apply_lora(params, lo), tokens), tokens)  # noqa: E731
+    fac = lambda lo: cross_entropy(factored(fn)(params, lo, tokens), tokens)  # noqa: E731
+    return ref, fac
+
+
+def _rel_err(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
+def test_gpt_loss_and_grads_match_apply_lora(scan):
+    model, params, lora, tokens = _gpt(scan)
+    ref, fac = _losses(model, params, tokens)
+    (v_ref, g_ref), (v_fac, g_fac) = jax.jit(lambda lo: (jax.value_and_grad(ref)(lo), jax.value_and_grad(fac)(lo)))(
+        lora
+    )
+    assert _rel_err(v_fac, v_ref) < 1e-5
+    for gf, gr in zip(jax.tree.leaves(g_fac), jax.tree.leaves(g_ref), strict=True):
+        assert _rel_err(gf, gr) < 1e-4
+    report = factored(lambda p, t: model.apply({"params": p}, t)).explain(params, lora, tokens)
+    assert report.pop("tok_embed/embedding") == ("gather",)
+    assert set(report.values()) == {("dot_general",)}
+
+
+def _eqn_shapes(jaxpr, out):
+    """(primitive, shape) of every equation output, recursively through jit/scan/remat/cond bodies."""
+    for eqn in jaxpr.eqns:
+        out += [(eqn.primitive.name, tuple(v.aval.shape)) for v in eqn.outvars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    _eqn_shapes(sub.jaxpr, out)
+                elif isinstance(sub, jcore.Jaxpr):
+                    _eqn_shapes(sub, out)
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
+def test_factored_training_step_has_no_kernel_sized_values(scan):
+    """No value of a kernel's shape (e.g. W + BA, or its gradient) is computed; apply_lora computes many."""
+    model, params, lora, tokens = _gpt(scan, trainable=())  # lm_head's gradient is shaped like tok_embed.T
+    shapes = set()
+    for path, node in lora_jax.adapter_items(lora).items():
+        if isinstance(node, lora_jax.LoraWeights):
+            shapes.add(node.kernel_shape)
+            if scan and path.startswith("layers/"):
+                shapes.add(node.kernel_shape[1:])  # one layer's slice inside the scan body
+    ref, fac = _losses(model, params, tokens)
+    ref_hits = [s for s in _eqn_shapes(jax.make_jaxpr(jax.grad(ref))(lora).jaxpr, []) if s[1] in shapes]
+    fac_hits = [s for s in _eqn_shapes(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr, []) if s[1] in shapes]
+    assert len(ref_hits) > 10  # the property is observable: the materialized path forms W' and dW'
+    # the only kernel-shaped values in the factored step are the frozen bases themselves (stop_gradient)
+    assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
+
+
+class _NnxModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(13, 8, rngs=rngs)
+        self.hidden = nnx.Linear(8, 12, rngs=rngs)
+        self.head = nnx.Linear(12, 5, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head(jax.nn.gelu(self.hidden(self.embed(tokens))))
+
+
+def test_nnx_model_unchanged():
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _NnxModel(nnx.Rngs(0))))
+    state = _rand_like(abstract)
+    fn = lambda s, t: nnx.merge(graphdef, s)(t)  # noqa: E731
+    tokens = jnp.array([[1, 4, 12], [0, 2, 2]])
+    spec = lora_jax.LoraSpec(rank=2, targets=["embed", "hidden", "head"], init="random")
+    lora = _rand_like(jax.eval_shape(lambda: lora_jax.init_lora(jax.random.key(1), state, spec)), seed=1)
+
+    def both(lo):
+        ref = jax.value_and_grad(lambda lo: jnp.sum(jnp.sin(fn(lora_jax.apply_lora(state, lo), tokens))))(lo)
+        fac = jax.value_and_grad(lambda lo: jnp.sum(jnp.sin(factored(fn)(state, lo, tokens))))(lo)
+        return ref, fac
+
+    (v_ref, g_ref), (v_fac, g_fac) = jax.jit(both)(lora)
+    assert _rel_err(v_fac, v_ref) < 1e-5
+    for gf, gr in zip(jax.tree.leaves(g_fac), jax.tree.leaves(g_ref), strict=True):
+        assert _rel_err(gf, gr) < 1e-5
+    assert set(factored(fn).explain(state, lora, tokens).values()) == {("gather",), ("dot_general",)}

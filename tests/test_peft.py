@@ -1,0 +1,272 @@
+"""PEFT interchange against the real ``peft`` package on a torch model and its flax twin."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import lora_jax
+from tests import _torch_twin as T
+
+torch = pytest.importorskip("torch")  # installed by the README's test command; never skipped there
+peft = pytest.importorskip("peft")
+
+SPEC = lora_jax.LoraSpec(
+    rank=2,
+    alpha=4.0,
+    targets=["embed", "q_proj", "o_proj", "fc", "stack", "conv"],
+    trainable=["head"],
+    rank_pattern={"fc": 3},
+    alpha_pattern={"q_proj": 6.0},
+    rslora=True,
+    axes=T.AXES,
+    init="random",
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return T.init_params()
+
+
+@pytest.fixture(scope="module")
+def trained(params):
+    """An adapter trained in JAX for a few steps (so A, B and the head all moved)."""
+    tokens, image = T.inputs()
+    lora = lora_jax.init_lora(jax.random.key(1), params, SPEC)
+    tx = optax.adam(3e-2)
+
+    def loss_fn(lora):
+        logits, conv = T.Twin().apply({"params": lora_jax.apply_lora(params, lora)}, tokens, image)
+        return jnp.mean((logits - 1.0) ** 2) + jnp.mean((conv - 0.5) ** 2)
+
+    @jax.jit
+    def step(lora, state):
+        grads = jax.grad(loss_fn)(lora)
+        updates, state = tx.update(grads, state, lora)
+        return optax.apply_updates(lora, updates), state
+
+    state = tx.init(lora)
+    for _ in range(5):
+        lora, state = step(lora, state)
+    return lora
+
+
+def peft_model(params, adapter_dir):
+    return peft.PeftModel.from_pretrained(T.torch_model(params), str(adapter_dir)).eval()
+
+
+def test_jax_trained_adapter_loads_in_peft_with_same_outputs(params, trained, tmp_path):
+    out = lora_jax.export_peft(tmp_path / "adapter", trained, SPEC, name_map=T.NAME_MAP)
+    tokens, image = T.inputs(seed=3)
+    want = T.flax_outputs(lora_jax.apply_lora(params, trained), tokens, image)
+    got = T.torch_outputs(peft_model(params, out), tokens, image)  # a PEFT "missing keys" warning would fail
+    base = T.flax_outputs(params, tokens, image)
+    for w, g, b in zip(want, got, base, strict=True):
+        assert np.abs(w - b).max() > 1e-2  # the adapter changes the outputs
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_exported_files_follow_peft_format(trained, tmp_path):
+    out = lora_jax.export_peft(tmp_path / "a", trained, SPEC, name_map=T.NAME_MAP, base_model_name_or_path="twin")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] is None and config["bias"] == "none"
+    assert config["r"] == 2 and config["lora_alpha"] == 4 and config["use_rslora"] is True
+    assert config["target_modules"] == ["conv", "embed", "fc", "layers.0", "layers.1", "o_proj", "q_proj"]
+    assert config["rank_pattern"] == {"fc": 3} and config["alpha_pattern"] == {"q_proj": 6}
+    assert config["modules_to_save"] == ["head"] and config["base_model_name_or_path"] == "twin"
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "np") as f:
+        assert f.metadata() == {"format": "pt"}
+        shapes = {k: f.get_tensor(k).shape for k in f.keys()}  # noqa: SIM118
+    p = "base_model.model."
+    assert shapes[p + "embed.lora_embedding_A"] == (2, T.VOCAB) and shapes[p + "embed.lora_embedding_B"] == (T.D, 2)
+    assert shapes[p + "q_proj.lora_A.weight"] == (2, T.D)
+    assert shapes[p + "q_proj.lora_B.weight"] == (T.HEADS * T.HEAD_DIM, 2)
+    assert shapes[p + "fc.lora_A.weight"] == (3, T.D)
+    assert shapes[p + "conv.lora_A.weight"] == (2, T.C_IN, 3, 3)
+    assert shapes[p + "conv.lora_B.weight"] == (T.C_OUT, 2, 1, 1)
+    assert shapes[p + "layers.1.lora_B.weight"] == (T.D, 2)
+    assert shapes[p + "head.weight"] == (T.CLASSES, T.D) and shapes[p + "head.bias"] == (T.CLASSES,)
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(params, tmp_path_factory):
+    """An adapter made in PEFT with random A and B (init_lora_weights=False), saved by save_pretrained."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=5,
+        target_modules=["embed", "q_proj", "o_proj", "fc", "layers.0", "layers.1", "conv"],
+        modules_to_save=["head"],
+        init_lora_weights=False,
+        rank_pattern={"o_proj": 4},
+        alpha_pattern={"fc": 7},
+        use_rslora=True,
+    )
+    model = peft.get_peft_model(T.torch_model(params), config)
+    with torch.no_grad():
+        model.base_model.model.head.modules_to_save["default"].weight.add_(0.5)  # a trained head
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    model.save_pretrained(str(out))
+    return model.eval(), out
+
+
+def test_peft_adapter_imports_with_same_outputs(params, peft_adapter):
+    model, path = peft_adapter
+    lora, spec = lora_jax.import_peft(path, params, name_map=T.NAME_MAP, axes=T.AXES)
+    tokens, image = T.inputs(seed=4)
+    want = T.torch_outputs(model, tokens, image)
+    got = T.flax_outputs(lora_jax.apply_lora(params, lora), tokens, image)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    node = lora["o_proj"]["kernel"]
+    assert node.rank == 4 and node.layout == "iio" and node.scale == pytest.approx(5 / math.sqrt(4))
+    assert lora["fc"]["kernel"].scale == pytest.approx(7 / math.sqrt(2))
+    assert lora["embed"]["embedding"].kind == "embed" and isinstance(lora["head"]["kernel"], lora_jax.Trainable)
+    assert spec.rslora and spec.rank == 2 and spec.alpha == 5.0
+
+
+def test_peft_merge_and_unload_equals_our_merge(params, peft_adapter):
+    import copy
+
+    model, path = peft_adapter
+    lora, _ = lora_jax.import_peft(path, params, name_map=T.NAME_MAP, axes=T.AXES)
+    merged_torch = T.torch_weights_as_flax(copy.deepcopy(model).merge_and_unload().state_dict())
+    merged = lora_jax.merge(params, lora)
+    flat_t, flat_j = lora_jax._paths.flatten_with_paths(merged_torch), lora_jax._paths.flatten_with_paths(merged)
+    assert flat_t.keys() == flat_j.keys()
+    for k in flat_t:
+        np.testing.assert_allclose(np.asarray(flat_j[k]), flat_t[k], atol=2e-6, rtol=0, err_msg=k)
+
+
+def test_export_import_round_trip_is_exact(params, trained, tmp_path):
+    out = lora_jax.export_peft(tmp_path / "a", trained, SPEC, name_map=T.NAME_MAP)
+    back, spec = lora_jax.import_peft(out, params, name_map=T.NAME_MAP, axes=T.AXES)
+    want, got = lora_jax.adapter_items(trained), lora_jax.adapter_items(back)
+    assert want.keys() == got.keys()
+    for path, node in want.items():
+        leaves_w, tree_w = jax.tree.flatten(node)
+        leaves_g, tree_g = jax.tree.flatten(got[path])
+        assert tree_w == tree_g, path  # scale, layout and kind (static metadata) identical
+        for w, g in zip(leaves_w, leaves_g, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=path)
+    # the imported spec selects the same kernels with the same ranks, scales and layouts
+    fresh = lora_jax.adapter_items(lora_jax.init_lora(jax.random.key(0), params, spec))
+    assert {p: jax.tree.structure(n) for p, n in fresh.items()} == {p: jax.tree.structure(n) for p, n in got.items()}
+
+
+def test_peft_patterns_round_trip_through_jax(params, peft_adapter, tmp_path):
+    _, path = peft_adapter
+    lora, spec = lora_jax.import_peft(path, params, name_map=T.NAME_MAP, axes=T.AXES)
+    again = lora_jax.export_peft(tmp_path / "again", lora, spec, name_map=T.NAME_MAP)
+    c0 = json.loads((path / "adapter_config.json").read_text())
+    c1 = json.loads((again / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        assert c1[key] == c0[key], key
+    assert sorted(c1["target_modules"]) == sorted(c0["target_modules"])
+    t0, t1 = load_file(path / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert t0.keys() == t1.keys()
+    for k in t0:
+        np.testing.assert_array_equal(t1[k], t0[k], err_msg=k)
+
+
+def _edit_tensors(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_import_rejects_unknown_keys(params, peft_adapter, tmp_path):
+    _, path = peft_adapter
+    bad = _edit_tensors(
+        path,
+        tmp_path / "x",
+        lambda t: t.update(
+            {"base_model.model.fc.lora_magnitude_vector": t["base_model.model.fc.lora_B.weight"][:, 0].copy()}
+        ),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"neither LoRA weights nor modules_to_save: base_model.model.fc.lora_magnitude_vector|fc.lora_magnitude_vector",
+    ):
+        lora_jax.import_peft(bad, params, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+def test_import_rejects_a_missing_layer_of_a_stacked_kernel(params, peft_adapter, tmp_path):
+    _, path = peft_adapter
+
+    def drop(t):
+        del t["base_model.model.layers.1.lora_A.weight"], t["base_model.model.layers.1.lora_B.weight"]
+
+    with pytest.raises(ValueError, match=r"stack/dense/kernel: .*lacks \['layers.1'\]"):
+        lora_jax.import_peft(_edit_tensors(path, tmp_path / "x", drop), params, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+def test_import_lists_modules_that_match_no_parameter(params, peft_adapter):
+    _, path = peft_adapter
+    name_map = {**T.NAME_MAP, "fc": "fc_renamed"}
+    with pytest.raises(ValueError, match=r"match no parameter: fc\b.*fc_renamed"):
+        lora_jax.import_peft(path, params, name_map=name_map, axes=T.AXES)
+
+
+def test_import_onto_other_params_names_the_shapes(peft_adapter):
+    _, path = peft_adapter
+    other = jax.tree.map(lambda x: x, T.init_params())
+    other["fc"] = {"kernel": jnp.zeros((T.D, 2 * T.D)), "bias": jnp.zeros(2 * T.D)}
+    with pytest.raises(
+        ValueError,
+        match=r"fc/kernel: PEFT module 'fc' has lora_A.weight \(2, 8\) and lora_B.weight \(8, 2\), which do not fit the kernel \(8, 16\)",
+    ):
+        lora_jax.import_peft(path, other, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+def test_stacked_kernel_needs_a_layer_index_in_its_name(trained, tmp_path):
+    name_map = {**T.NAME_MAP, "stack/dense": "layers"}
+    with pytest.raises(
+        ValueError, match=r"stack/dense/kernel: .*must place the layer index as \{i\}; name_map gave 'layers'"
+    ):
+        lora_jax.export_peft(tmp_path / "a", trained, SPEC, name_map=name_map)
+    assert not (tmp_path / "a").exists()
+
+
+def test_stacked_layers_with_different_alphas_are_refused(params, peft_adapter, tmp_path):
+    import shutil
+
+    _, path = peft_adapter
+    shutil.copytree(path, tmp_path / "x")
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    config["alpha_pattern"]["layers.1"] = 9
+    (tmp_path / "x" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"different ranks \[2\] or alphas \[5.0, 9.0\]"):
+        lora_jax.import_peft(tmp_path / "x", params, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+def test_export_never_leaves_a_partial_adapter(params, trained, tmp_path):
+    out = lora_jax.export_peft(tmp_path / "a", trained, SPEC, name_map=T.NAME_MAP)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        lora_jax.export_peft(out, trained, SPEC, name_map=T.NAME_MAP)
+    bad = {**trained, "extra": {"w": lora_jax.Trainable(jnp.zeros((2, 2, 2)))}}
+    with pytest.raises(ValueError, match=r"extra/w: cannot export this leaf trained in full"):
+        lora_jax.export_peft(out, bad, SPEC, name_map={**T.NAME_MAP, "extra": "extra"}, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directories left behind
+
+
+def test_default_name_map_joins_module_keys():
+    assert lora_jax.default_name_map("model/layers/3/self_attn/q_proj/kernel") == "model.layers.3.self_attn.q_proj"
+    with pytest.raises(ValueError, match="top-level leaf"):
+        lora_jax.default_name_map("kernel")
