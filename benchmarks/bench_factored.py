@@ -133,12 +133,15 @@ def table(rows: list[Row]) -> tuple[str, dict[str, float]]:
     full = by["full fine-tuning"]
     med = {r.name: statistics.median(r.times) for r in rows}
     lines = [
-        "| row | median step (s) | / full FT | peak memory (MiB) | / full FT | compile (s) | FLOPs / full FT |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | median step (s) | / full FT | min step (s) | / full FT | peak memory (MiB) | / full FT "
+        "| compile (s) | FLOPs / full FT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    best = {r.name: min(r.times) for r in rows}
     for r in rows:
         lines.append(
-            f"| {r.name} | {med[r.name]:.4f} | {med[r.name] / med[full.name]:.3f} | {r.peak / 2**20:.1f} | "
+            f"| {r.name} | {med[r.name]:.4f} | {med[r.name] / med[full.name]:.3f} | {best[r.name]:.4f} | "
+            f"{best[r.name] / best[full.name]:.3f} | {r.peak / 2**20:.1f} | "
             f"{r.peak / full.peak:.3f} | {r.compile_s:.1f} | {r.flops / full.flops:.3f} |"
         )
     ratio = lambda a, b: med[a] / med[b]  # noqa: E731
@@ -153,7 +156,7 @@ def table(rows: list[Row]) -> tuple[str, dict[str, float]]:
         "merged inference / base inference": (ratio("inference, merged weights", "inference, base weights"), 1.02),
     }
     lines.append("")
-    lines.append(f"factored/full = {fac:.3f}, hand-written/full = {hand:.3f}")
+    lines.append(f"factored/full = {fac:.3f}, hand-written/full = {hand:.3f} (median step times; targets use medians)")
     for name, (value, limit) in checks.items():
         lines.append(f"- {name}: {value:.3f} (target <= {limit}) {'PASS' if value <= limit else 'MISS'}")
     return "\n".join(lines), {k: v for k, (v, _) in checks.items()}

@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -33,76 +32,11 @@ from lora_jax._adapters import LoraWeights, Trainable
 from lora_jax._apply import adapter_items
 from lora_jax._paths import flatten_with_paths, nest
 from lora_jax._spec import LoraSpec
+from lora_jax._spec_json import _SPEC_FIELDS, spec_from_json, spec_to_json
 
 FORMAT = "lora_jax.adapter"
 VERSION = 1
 ARRAYS, META = "adapter", "adapter_meta"
-_SPEC_FIELDS = tuple(f.name for f in LoraSpec.__dataclass_fields__.values())
-
-
-# ---------------------------------------------------------------------------- spec <-> JSON
-
-
-def _selector_to_json(name: str, value: Any) -> Any:
-    if callable(value):
-        raise ValueError(
-            f"LoraSpec({name}=<callable>) cannot be saved: a function is not data. Write the selection as a "
-            f"regex string (e.g. {name}=r'.*/(query|value)/kernel') or a list of key names "
-            f"(e.g. {name}=['query', 'value']) so the checkpoint can restore the spec."
-        )
-    return list(value) if isinstance(value, tuple) else value
-
-
-def spec_to_json(spec: LoraSpec) -> dict[str, Any]:
-    """A JSON-ready dict of ``spec`` (inverse: :func:`spec_from_json`).
-
-    Regex targets stay strings, name lists become lists, pattern dicts keep
-    their order.
-
-    Raises:
-      ValueError: if a selector is a callable (not serializable); use a regex
-        string or a list of names instead.
-
-    Example:
-      >>> d = spec_to_json(LoraSpec(rank=4, targets=["query", "value"], rank_pattern={"value": 2}))
-      >>> d["targets"], d["rank_pattern"]
-      (['query', 'value'], {'value': 2})
-      >>> spec_from_json(d) == LoraSpec(rank=4, targets=["query", "value"], rank_pattern={"value": 2})
-      True
-    """
-    if not isinstance(spec, LoraSpec):
-        raise TypeError(f"spec must be a LoraSpec; found {type(spec).__name__}.")
-    out: dict[str, Any] = {}
-    for name in _SPEC_FIELDS:
-        value = getattr(spec, name)
-        if name in ("targets", "exclude", "trainable"):
-            value = _selector_to_json(name, value)
-        elif name in ("rank_pattern", "alpha_pattern", "axes"):
-            value = dict(value)
-        out[name] = value
-    return out
-
-
-def spec_from_json(data: dict[str, Any]) -> LoraSpec:
-    """The :class:`LoraSpec` written by :func:`spec_to_json` (validated again).
-
-    Raises:
-      ValueError: on fields this version does not know (a newer lora_jax wrote
-        it) or on invalid values.
-
-    Example:
-      >>> spec_from_json({"rank": 2, "targets": "dense/kernel"}).rank
-      2
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"a saved LoraSpec is a JSON object; found {type(data).__name__}.")
-    unknown = sorted(set(data) - set(_SPEC_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"the saved LoraSpec has fields {unknown} that this lora_jax does not know; it was written by "
-            f"another version. Known fields: {', '.join(_SPEC_FIELDS)}."
-        )
-    return LoraSpec(**data)
 
 
 # ---------------------------------------------------------------------------- arrays, metadata, checksums
@@ -225,19 +159,29 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass save_adapter(..., overwrite=True) to replace it.")
     args = adapter_checkpoint_args(lora, spec)  # validates before anything is written
-    tmp = path.with_name(f"{path.name}.lora_jax-new-{uuid.uuid4().hex[:8]}") if path.exists() else path
+    # fixed names (not random) so that every process of a multi-host job agrees on them
+    tmp = path.with_name(path.name + ".lora_jax-new") if path.exists() else path
+    if tmp != path:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed overwrite
+        _sync(f"lora_jax.save_adapter.clean:{path}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
         ckpt.save(tmp, args=args)
     if tmp != path and jax.process_index() == 0:
-        old = path.with_name(f"{path.name}.lora_jax-old-{uuid.uuid4().hex[:8]}")
+        old = path.with_name(path.name + ".lora_jax-old")
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    _sync(f"lora_jax.save_adapter:{path}")
+    return path
+
+
+def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"lora_jax.save_adapter:{path}")
-    return path
+        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -246,6 +190,12 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
 def _read_meta(path: pathlib.Path) -> dict[str, Any]:
     meta_file = path / META / "metadata"
     if not path.is_dir():
+        old = path.with_name(path.name + ".lora_jax-old")
+        if old.is_dir():
+            raise FileNotFoundError(
+                f"{path}: no such checkpoint directory, but an interrupted save_adapter(overwrite=True) left the "
+                f"previous checkpoint at {old}; load it from there or rename it back."
+            )
         raise FileNotFoundError(f"{path}: no such checkpoint directory.")
     if not meta_file.is_file():
         raise ValueError(

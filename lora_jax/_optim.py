@@ -22,11 +22,32 @@ def _labels(tree: Any, labels: Any) -> Any:
     out = jax.tree_util.tree_map(node_labels, tree, is_leaf=is_adapter)
     if labels is None:
         return out
-    return jax.tree_util.tree_map(
-        lambda lab, given: _TRAIN if lab == _TRAIN or given == TRAINABLE else _FREEZE,
-        out,
-        labels,
-        is_leaf=lambda x: isinstance(x, str),
+
+    def relabel(sub_out: Any, sub_labels: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda lab, given: _TRAIN if lab == _TRAIN or given == TRAINABLE else _FREEZE,
+            sub_out,
+            sub_labels,
+            is_leaf=lambda x: isinstance(x, str),
+        )
+
+    structure = jax.tree_util.tree_structure(labels)
+    if jax.tree_util.tree_structure(tree, is_leaf=is_adapter) == structure:
+        return relabel(out, labels)
+    # A container such as (params, lora): the labels apply to the element with the params' structure.
+    if isinstance(tree, (tuple, list)):
+        matches = [
+            k for k, sub in enumerate(tree) if jax.tree_util.tree_structure(sub, is_leaf=is_adapter) == structure
+        ]
+        if matches:
+            parts = list(out)
+            for k in matches:
+                parts[k] = relabel(out[k], labels)
+            return type(out)(parts) if isinstance(out, list) else tuple(parts)
+    raise ValueError(
+        "only_adapters(labels=...): the labels (from partition(params, spec)) have the structure of params, "
+        "but the optimized tree is neither params nor a tuple/list holding params (e.g. (params, lora)). "
+        "Pass labels=None when optimizing the adapter tree alone."
     )
 
 

@@ -26,43 +26,35 @@ Layouts (how a flax kernel corresponds to the torch module):
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
 import pathlib
-import re
 import shutil
 import tempfile
-from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _layout
-from lora_jax._adapters import LoraWeights, Trainable
+from lora_jax._adapters import Trainable
 from lora_jax._apply import adapter_items
-from lora_jax._paths import flatten_with_paths, nest
 from lora_jax._peft_names import (
     EMBED_A,
     EMBED_B,
     LORA_A,
     LORA_B,
-    LORA_PARTS,
     PREFIX,
     NameMap,
     expand,
     export_pattern_key,
     module_name,
-    pattern_key,
 )
 from lora_jax._spec import LoraSpec
 from lora_jax._targets import _first
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_KERNEL_KEYS = ("kernel", "embedding", "weight")
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -272,269 +264,3 @@ def export_peft(
 
         multihost_utils.sync_global_devices(f"lora_jax.export_peft:{path}")
     return path
-
-
-# ---------------------------------------------------------------------------- import
-
-
-def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    path = pathlib.Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such PEFT adapter directory.")
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise ValueError(f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / CONFIG}: not valid JSON ({e}).") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        found = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(f"{path / CONFIG}: peft_type is {found!r}; only LORA adapters can be imported.")
-    unsupported = {
-        "use_dora": (False, None),
-        "bias": ("none", None),
-        "lora_bias": (False, None),
-        "layer_replication": (None,),
-        "target_parameters": (None, []),
-        "trainable_token_indices": (None,),
-    }
-    for key, ok in unsupported.items():
-        if key in config and config[key] not in ok:
-            raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported by lora_jax's importer.")
-    try:
-        raw = load_file(path / WEIGHTS)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
-            f"{path / WEIGHTS}: cannot read the tensors, the file is corrupt or truncated ({e})."
-        ) from None
-    tensors = {}
-    for k, v in raw.items():
-        if not k.startswith(PREFIX):
-            raise ValueError(f"{path / WEIGHTS}: key {k!r} lacks PEFT's {PREFIX!r} prefix; not a PEFT LoRA file.")
-        tensors[k[len(PREFIX) :]] = v
-    return config, tensors
-
-
-def _split_keys(tensors: dict[str, np.ndarray], saved: list[str]) -> tuple[dict, dict, list[str]]:
-    lora: dict[str, dict[str, np.ndarray]] = {}
-    full: dict[str, dict[str, np.ndarray]] = {}
-    unknown = []
-    for k, v in tensors.items():
-        part = next((p for p in LORA_PARTS if k.endswith("." + p)), None)
-        if part is not None:
-            lora.setdefault(k[: -len(part) - 1], {})[part] = v
-            continue
-        module, _, param = k.rpartition(".")
-        if module in saved or any(module.endswith("." + m) for m in saved):
-            full.setdefault(module, {})[param] = v
-        else:
-            unknown.append(k)
-    return lora, full, unknown
-
-
-def _from_peft(name: str, parts: dict[str, np.ndarray], shape: tuple, layout: str, p: str) -> tuple:
-    """(A ``(*in, r)``, B ``(r, *out)``, kind) of one module, checked against the kernel ``shape``."""
-    embed = EMBED_A in parts or EMBED_B in parts
-    ka, kb = (EMBED_A, EMBED_B) if embed else (LORA_A, LORA_B)
-    if set(parts) != {ka, kb}:
-        raise ValueError(f"{p}: PEFT module {name!r} has tensors {sorted(parts)}; expected {ka} and {kb}.")
-    la, lb = parts[ka], parts[kb]
-    r = la.shape[0]
-    ins, outs = _layout.dims_of(layout, shape, "i"), _layout.dims_of(layout, shape, "o")
-    if la.ndim > 2:  # conv: (r, in, *spatial) -> (*spatial, in, r)
-        a = la.transpose(*range(2, la.ndim), 1, 0)
-        b = lb.reshape(lb.shape[0], r).T.reshape(r, *outs)
-    else:
-        a = la.T.reshape(*ins, r) if la.size == r * math.prod(ins) else None
-        b = lb.T.reshape(r, *outs) if lb.ndim == 2 and lb.size == r * math.prod(outs) else None
-    if a is None or b is None or a.shape != (*ins, r) or b.shape != (r, *outs):
-        raise ValueError(
-            f"{p}: PEFT module {name!r} has {ka} {la.shape} and {kb} {lb.shape}, which do not fit the kernel "
-            f"{shape} with layout {layout!r} (fan-in {math.prod(ins)}, fan-out {math.prod(outs)}). The adapter "
-            f"was made for another model, or name_map points this path at the wrong module."
-        )
-    return a, b, "embed" if embed else "linear"
-
-
-def _name_or_none(name_map: NameMap, path: str) -> str | None:
-    """The module name of ``path``, or None when ``name_map`` leaves it out (a dict without it)."""
-    if name_map is None and "/" not in path:
-        return None
-    if isinstance(name_map, Mapping) and path not in name_map and path.rpartition("/")[0] not in name_map:
-        return None
-    return module_name(name_map, path)
-
-
-def _exact(path: str) -> str:
-    return "^" + re.escape(path) + "$"
-
-
-def _full_value(p: str, leaf_shape: tuple, value: np.ndarray, axes: Any) -> np.ndarray:
-    key = p.rpartition("/")[2]
-    if key == "kernel":
-        layout = _first(axes, p, "io" if len(leaf_shape) == 2 else None)
-        if value.ndim == 4 and len(leaf_shape) == 4:  # conv weight (out, in, kh, kw)
-            return value.transpose(2, 3, 1, 0)
-        if layout is not None:
-            ins, outs = _layout.axes_of(layout, "i"), _layout.axes_of(layout, "o")
-            dims = [leaf_shape[k] for k in (*ins, *outs)]
-            return value.T.reshape(dims).transpose(np.argsort([*ins, *outs]))
-    return value.reshape(leaf_shape)
-
-
-def import_peft(
-    path: str | os.PathLike,
-    params: Any,
-    *,
-    name_map: NameMap = None,
-    axes: Any = None,
-) -> tuple[dict[str, Any], LoraSpec]:
-    """Read a PEFT LoRA adapter into ``(lora, spec)`` for these params.
-
-    ``apply_lora(params, lora)`` reproduces PEFT's merged weights. Every tensor
-    in the file must land on a parameter and every layer of a stacked kernel
-    must be present: unknown or missing keys raise, listing them.
-
-    Args:
-      path: a PEFT adapter directory (``save_pretrained`` output).
-      params: the base parameters (arrays or ``jax.ShapeDtypeStruct``).
-      name_map: parameter path -> torch module name, as for
-        :func:`export_peft`.
-      axes: kernel layouts ``{pattern: layout}`` for kernels with more than
-        two axes, as ``LoraSpec(axes=...)`` (2-D kernels are ``"io"``; a 4-D
-        kernel whose ``lora_A`` is 4-D is a Conv2D ``"iiio"``).
-
-    Returns:
-      ``(lora, spec)``: the adapter tree and a :class:`LoraSpec` that selects
-      exactly the imported paths with their ranks, alphas and layouts.
-
-    Raises:
-      FileNotFoundError / ValueError: on a missing or malformed adapter,
-        unknown keys, missing layers, or shapes that do not fit ``params``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, tempfile, os
-      >>> from lora_jax import init_lora
-      >>> params = {"model": {"q_proj": {"kernel": jnp.ones((8, 4))}}}
-      >>> spec = LoraSpec(rank=2, alpha=4.0, targets=["q_proj"], init="random")
-      >>> lora = init_lora(jax.random.key(0), params, spec)
-      >>> back, spec2 = import_peft(export_peft(os.path.join(tempfile.mkdtemp(), "p"), lora, spec), params)
-      >>> bool(jnp.all(back["model"]["q_proj"]["kernel"].b == lora["model"]["q_proj"]["kernel"].b)), spec2.rank
-      (True, 2)
-    """
-    path = pathlib.Path(path)
-    config, tensors = read_peft(path)
-    axes = LoraSpec(axes=axes or ()).axes
-    saved = list(config.get("modules_to_save") or [])
-    lora_parts, full_parts, unknown = _split_keys(tensors, saved)
-    if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} tensor(s) are neither LoRA weights nor modules_to_save: "
-            f"{', '.join(unknown[:6])}. lora_jax imports plain LoRA adapters (no DoRA, no LoRA biases)."
-        )
-    r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
-    out: dict[str, Any] = {}
-    used: set[str] = set()
-    ranks, alphas, layouts = {}, {}, {}
-    for p, leaf in flat.items():
-        shape = tuple(leaf.shape)
-        if p.rpartition("/")[2] not in _KERNEL_KEYS or len(shape) < 2:
-            continue
-        layout = _first(axes, p, None)
-        if layout is None:
-            layout = "io" if len(shape) == 2 else "iiio" if len(shape) == 4 else None
-        if layout is None or len(layout) != len(shape):
-            continue
-        nb = layout.count("b")
-        template = _name_or_none(name_map, p)
-        if template is None:
-            continue
-        try:
-            names = expand(template, p, layout, shape[:nb])
-        except ValueError:
-            if not any(n.startswith(template.split("{")[0]) for n in lora_parts):
-                continue  # not in the file: no adapter here
-            raise
-        present = [n for n in names.values() if n in lora_parts]
-        if not present:
-            continue
-        missing = [n for n in names.values() if n not in lora_parts]
-        if missing:
-            raise ValueError(
-                f"{p}: the PEFT adapter has layers {present[:3]} of this stacked kernel but lacks "
-                f"{missing[:3]} ({len(missing)} missing); PEFT would leave those layers unadapted."
-            )
-        core = layout.replace("b", "")
-        kshape = tuple(s for s, c in zip(shape, layout, strict=True) if c != "b")
-        got = {idx: _from_peft(n, lora_parts[n], kshape, core, p) for idx, n in names.items()}
-        rs = {g[0].shape[-1] for g in got.values()}
-        al = set()
-        for n, g in zip(names.values(), got.values(), strict=True):
-            r = g[0].shape[-1]
-            key = pattern_key(rank_pattern, n)
-            if (rank_pattern[key] if key is not None else r0) != r:
-                raise ValueError(f"{path}: module {n!r} has rank {r} in the tensors but the config says "
-                                 f"{rank_pattern[key] if key is not None else r0}.")  # fmt: skip
-            key = pattern_key(alpha_pattern, n)
-            al.add(float(alpha_pattern[key]) if key is not None else alpha0)
-        if len(rs) > 1 or len(al) > 1:
-            raise ValueError(
-                f"{p}: the PEFT layers {list(names.values())[:3]}... of this stacked kernel have different "
-                f"ranks {sorted(rs)} or alphas {sorted(al)}; one stacked adapter needs one rank and alpha."
-            )
-        (r,), (alpha,) = rs, al
-        kinds = {g[2] for g in got.values()}
-        a = np.stack([g[0] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][0].shape)
-        b = np.stack([g[1] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][1].shape)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        out[p] = LoraWeights(jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop())
-        used.update(names.values())
-        ranks[p], alphas[p], layouts[p] = r, alpha, layout
-    full_used: set[tuple[str, str]] = set()
-    trainable = []
-    for p, leaf in flat.items():
-        name = _name_or_none(name_map, p)
-        if name is None or name not in full_parts:
-            continue
-        key = p.rpartition("/")[2]
-        tkey = "bias" if key == "bias" else "weight"
-        if tkey not in full_parts[name]:
-            continue
-        value = _full_value(p, tuple(leaf.shape), full_parts[name][tkey], axes)
-        out[p] = Trainable(jnp.asarray(value, dtype=leaf.dtype))
-        full_used.add((name, tkey))
-        trainable.append(p)
-    left = sorted(set(lora_parts) - used) + sorted(
-        f"{m}.{k}" for m, ks in full_parts.items() for k in ks if (m, k) not in full_used
-    )
-    if left:
-        near = difflib.get_close_matches(
-            left[0], sorted({n for p in flat if (n := _name_or_none(name_map, p))}), n=3, cutoff=0.0
-        )
-        raise ValueError(
-            f"{path}: {len(left)} PEFT module(s) match no parameter: {', '.join(left[:6])} (nearest module names "
-            f"from params: {', '.join(near) or 'none'}). Pass a name_map (and axes for multi-axis kernels) that "
-            f"maps parameter paths to these torch module names."
-        )
-    if not out:
-        raise ValueError(f"{path}: the PEFT adapter is empty.")
-    dtype = next((x.a.dtype for x in out.values() if isinstance(x, LoraWeights)), jnp.float32)
-    spec = LoraSpec(
-        rank=r0,
-        alpha=alpha0,
-        targets="|".join(re.escape(p) for p in sorted(ranks)),
-        rank_pattern={_exact(p): r for p, r in ranks.items() if r != r0},
-        alpha_pattern={_exact(p): a for p, a in alphas.items() if a != alpha0},
-        rslora=rslora,
-        axes={_exact(p): lay for p, lay in layouts.items() if lay != "io"},
-        trainable="|".join(re.escape(p) for p in sorted(trainable)) or None,
-        dropout=float(config.get("lora_dropout") or 0.0),
-        dtype=jnp.dtype(dtype).name,
-    )
-    return nest(dict(sorted(out.items()))), spec

@@ -26,6 +26,7 @@ import difflib
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from lora_jax._adapters import LoraWeights, Trainable, is_adapter
@@ -36,7 +37,7 @@ from lora_jax._targets import resolve
 
 
 def _is_sharding_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, (PartitionSpec, Sharding, jax.ShapeDtypeStruct, jax.Array))
+    return x is None or isinstance(x, (PartitionSpec, Sharding, jax.ShapeDtypeStruct, jax.Array, np.ndarray))
 
 
 def _base_sharding(path: str, leaf: Any) -> Any:
@@ -45,6 +46,8 @@ def _base_sharding(path: str, leaf: Any) -> Any:
         return leaf
     if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
         return getattr(leaf, "sharding", None)
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return None  # a host (NumPy) array: no placement to follow
     raise TypeError(
         f"{path}: expected a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct "
         f"carrying .sharding for this base leaf; found {type(leaf).__name__}. Pass the params' shardings, "
@@ -134,7 +137,9 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       shardings: a tree with the structure of the params (or a tree of which
         every adapted path is a leaf) whose leaves are ``PartitionSpec``\\ s,
         ``NamedSharding``\\ s, ``None``, or arrays / ``ShapeDtypeStruct``\\ s
-        carrying ``.sharding`` (so the sharded params themselves work).
+        carrying ``.sharding`` (so the sharded params themselves work). A
+        leaf with no placement (``None``, a NumPy array, a ``ShapeDtypeStruct``
+        without sharding) gives ``None``: no constraint.
       lora: the adapter tree, real or abstract (``jax.eval_shape`` of
         :func:`lora_jax.init_lora`).
       mesh: if given, ``PartitionSpec`` results are wrapped in

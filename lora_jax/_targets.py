@@ -103,7 +103,9 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any] | None:
 def is_embedding(path: str) -> bool:
     """Heuristic: an embedding table (flax ``Embed`` names its leaf ``embedding``)."""
     keys = _keys(path)
-    return keys[-1] == "embedding" or any(_EMBED_KEY.fullmatch(k) for k in keys[:-1])
+    if keys[-1] == "kernel":  # a Dense/Conv kernel is never a table, even in a module named "patch_embed"
+        return False
+    return any(_EMBED_KEY.fullmatch(k) for k in keys)  # the leaf's own key too: {"tok_embeddings": table}
 
 
 def is_output_head(path: str) -> bool:

@@ -58,3 +58,14 @@ def bf16_half_ulp(x) -> np.ndarray:
     x = np.abs(np.asarray(x, np.float64))
     exponent = np.floor(np.log2(np.where(x > 0, x, 1.0)))
     return np.where(x > 0, 2.0 ** (exponent - 8), 2.0**-133)
+
+
+def f32_update_error(w, a, b, scale: float, layout: str) -> np.ndarray:
+    """An elementwise bound on the float32 rounding error of ``W + scale * A @ B`` (before any final cast).
+
+    ``r`` float32 products and additions each round with relative error ``2**-24``, so the error is at
+    most about ``(r + 2) * 2**-24 * (|W| + scale * |A| @ |B|)``; a factor 2 covers the scaling.
+    """
+    rank = np.asarray(a).shape[-1]
+    magnitude = np.abs(f64(w)) + delta_np(np.abs(f64(a)), np.abs(f64(b)), abs(scale), layout)
+    return 2 * (rank + 2) * 2.0**-24 * magnitude

@@ -162,7 +162,7 @@ def test_adapter_for_paths_params_lack():
 def test_swapped_arguments_are_reported():
     lora = init_lora(jax.random.key(0), dense_params(), LoraSpec(rank=2, targets=["query"]))
     with pytest.raises(
-        TypeError, match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found ArrayImpl"
+        TypeError, match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found \w+\. Pass the adapter tree as the second argument"
     ):
         apply_lora(lora, dense_params())
 

@@ -28,6 +28,7 @@ X = _rand(5, (3, 6))
         (lambda k: jnp.linalg.norm(k, axis=0), "mul"),
         (lambda k: k, "output of the function"),
     ],
+    ids=["cumsum", "sort", "linalg.norm", "returned"],
 )
 def test_unfactorable_use_raises_naming_primitive_and_path(use, primitive):
     fn = lambda p, x: use(p["dense"]["kernel"])  # noqa: E731
@@ -45,13 +46,20 @@ def test_materialize_opt_in_forms_that_leaf_and_reports_it():
     fn = lambda p, x: x @ p["dense"]["kernel"] + jnp.cumsum(p["dense"]["kernel"], 0)[:3, :1]  # noqa: E731
     seen = []
     g = factored(fn, materialize=["dense/kernel"], on_materialize=lambda path, prim: seen.append((path, prim)))
-    out = jax.jit(lambda lo: g(PARAMS, lo, X))(LORA)
-    ref = fn(lora_jax.apply_lora(PARAMS, LORA), X)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    assert seen == [("dense/kernel", "cumsum")]
+    ref_fn = lambda lo: fn(lora_jax.apply_lora(PARAMS, lo), X)  # noqa: E731
+
+    @jax.jit
+    def both(lo):
+        return (
+            g(PARAMS, lo, X),
+            jax.grad(lambda lo: g(PARAMS, lo, X).sum())(lo),
+            jax.grad(lambda lo: ref_fn(lo).sum())(lo),
+        )
+
+    out, grads, ref_grads = both(LORA)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_fn(LORA)), rtol=1e-5, atol=1e-5)
+    assert seen == [("dense/kernel", "cumsum")] * 2  # reported at every trace: the value, then the gradient
     assert g.explain(PARAMS, LORA, X) == {"dense/kernel": ("dot_general", "materialized (cumsum)")}
-    grads = jax.grad(lambda lo: g(PARAMS, lo, X).sum())(LORA)
-    ref_grads = jax.grad(lambda lo: fn(lora_jax.apply_lora(PARAMS, lo), X).sum())(LORA)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 

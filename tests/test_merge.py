@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import apply_np, bf16_half_ulp, f64
+from _reference import apply_np, bf16_half_ulp, f32_update_error, f64
 from _small_models import gpt_config, gpt_forward, gpt_params, lora_axes, random_like, tokens_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,7 +37,7 @@ def kernel_and_adapter(draw):
     return w, LoraWeights(a=a, b=b, scale=scale, layout=layout)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None, database=None)  # no .hypothesis/ folder in the repo
 @given(kernel_and_adapter())
 def test_unmerge_of_merge_gives_back_the_params(case):
     w, node = case
@@ -50,14 +50,15 @@ def test_unmerge_of_merge_gives_back_the_params(case):
     got_merged, got_back = f64(merged["layer"]["kernel"]), f64(back["layer"]["kernel"])
     assert merged["layer"]["kernel"].dtype == back["layer"]["kernel"].dtype == w.dtype
     np.testing.assert_array_equal(back["layer"]["bias"], params["layer"]["bias"])
+    f32_err = f32_update_error(w, node.a, node.b, node.scale, node.layout)  # float32 arithmetic, per element
     if w.dtype == jnp.float32:
-        np.testing.assert_allclose(got_merged, exact_merged, rtol=1e-6, atol=1e-5)
-        np.testing.assert_allclose(got_back, f64(w), rtol=1e-6, atol=1e-5 * (1 + np.abs(exact_merged).max()))
-    else:  # each of merge and unmerge rounds once to bfloat16
-        slack = 1 + 1e-4
-        assert np.all(np.abs(got_merged - exact_merged) <= bf16_half_ulp(exact_merged) * slack + 1e-6)
-        bound = bf16_half_ulp(exact_merged) + bf16_half_ulp(got_merged - f64(node.delta())) * slack + 1e-6
-        assert np.all(np.abs(got_back - f64(w)) <= bound)
+        assert np.all(np.abs(got_merged - exact_merged) <= f32_err)
+        assert np.all(np.abs(got_back - f64(w)) <= 3 * f32_err)
+    else:  # merge and unmerge each round once to bfloat16 (plus float32 arithmetic before the rounding)
+        merge_err = bf16_half_ulp(exact_merged) + f32_err
+        assert np.all(np.abs(got_merged - exact_merged) <= merge_err)
+        back_err = merge_err + bf16_half_ulp(got_merged - f64(node.delta())) + 2 * f32_err
+        assert np.all(np.abs(got_back - f64(w)) <= back_err)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import math
 
+import _torch_twin as T
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft  # the test extra (README's test command installs torch and peft)
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-from tests import _torch_twin as T
-
-torch = pytest.importorskip("torch")  # installed by the README's test command; never skipped there
-peft = pytest.importorskip("peft")
 
 SPEC = lora_jax.LoraSpec(
     rank=2,
@@ -40,7 +39,7 @@ def params():
 def trained(params):
     """An adapter trained in JAX for a few steps (so A, B and the head all moved)."""
     tokens, image = T.inputs()
-    lora = lora_jax.init_lora(jax.random.key(1), params, SPEC)
+    lora = jax.jit(lambda key: lora_jax.init_lora(key, params, SPEC))(jax.random.key(1))
     tx = optax.adam(3e-2)
 
     def loss_fn(lora):
@@ -160,7 +159,7 @@ def test_export_import_round_trip_is_exact(params, trained, tmp_path):
         for w, g in zip(leaves_w, leaves_g, strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=path)
     # the imported spec selects the same kernels with the same ranks, scales and layouts
-    fresh = lora_jax.adapter_items(lora_jax.init_lora(jax.random.key(0), params, spec))
+    fresh = lora_jax.adapter_items(jax.eval_shape(lambda: lora_jax.init_lora(jax.random.key(0), params, spec)))
     assert {p: jax.tree.structure(n) for p, n in fresh.items()} == {p: jax.tree.structure(n) for p, n in got.items()}
 
 
@@ -222,9 +221,9 @@ def test_import_lists_modules_that_match_no_parameter(params, peft_adapter):
         lora_jax.import_peft(path, params, name_map=name_map, axes=T.AXES)
 
 
-def test_import_onto_other_params_names_the_shapes(peft_adapter):
+def test_import_onto_other_params_names_the_shapes(params, peft_adapter):
     _, path = peft_adapter
-    other = jax.tree.map(lambda x: x, T.init_params())
+    other = dict(params)
     other["fc"] = {"kernel": jnp.zeros((T.D, 2 * T.D)), "bias": jnp.zeros(2 * T.D)}
     with pytest.raises(
         ValueError,
@@ -270,3 +269,14 @@ def test_default_name_map_joins_module_keys():
     assert lora_jax.default_name_map("model/layers/3/self_attn/q_proj/kernel") == "model.layers.3.self_attn.q_proj"
     with pytest.raises(ValueError, match="top-level leaf"):
         lora_jax.default_name_map("kernel")
+
+
+def test_a_callable_name_map_gives_the_same_files_as_the_dict(trained, tmp_path):
+    def name_of(path: str) -> str:
+        module = path.rpartition("/")[0]
+        return "layers.{i}" if module == "stack/dense" else module
+
+    by_dict = lora_jax.export_peft(tmp_path / "d", trained, SPEC, name_map=T.NAME_MAP)
+    by_callable = lora_jax.export_peft(tmp_path / "c", trained, SPEC, name_map=name_of)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (by_dict / name).read_bytes() == (by_callable / name).read_bytes()

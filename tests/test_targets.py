@@ -151,3 +151,14 @@ def test_nnx_state_paths_and_rng_leaves():
     assert (
         labels["hidden/kernel"] == "lora" and labels["head/kernel"] == "trainable" and labels["norm/scale"] == "frozen"
     )
+
+
+def test_a_dense_kernel_in_a_module_named_embed_is_linear_and_a_bare_table_is_embed():
+    params = {
+        "patch_embed": {"kernel": jnp.ones((12, 8)), "bias": jnp.zeros(8)},  # a Dense projection, not a table
+        "tok_embeddings": jnp.ones((10, 8)),  # a plain-dict embedding table
+        "mlp": {"kernel": jnp.ones((8, 8))},
+    }
+    assert targets_of(params, LoraSpec(rank=2)) == {"patch_embed/kernel", "mlp/kernel"}  # all-linear
+    found = resolve(params, LoraSpec(rank=2, targets=["patch_embed", "tok_embeddings"]))[0]
+    assert {p: t.kind for p, t in found.items()} == {"patch_embed/kernel": "linear", "tok_embeddings": "embed"}

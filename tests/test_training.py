@@ -13,7 +13,7 @@ from lora_jax import LoraSpec, LoraWeights, Trainable, adapter_items, apply_lora
 from lora_jax._paths import flatten_with_paths
 from lora_jax.models.gpt import cross_entropy
 
-CFG = gpt_config()
+CFG = gpt_config(layers=1)  # one block: the train step compiles in half the time
 SPEC = LoraSpec(rank=4, alpha=8.0, targets="all-linear", axes=lora_axes(CFG), trainable=["ln_final"])
 STEPS = 40
 
@@ -79,7 +79,9 @@ def test_base_params_are_bit_identical_and_only_adapters_changed(trained):
     jax.tree.map(np.testing.assert_array_equal, params, snapshot)
     items0, items = adapter_items(lora0), adapter_items(lora)
     assert set(items) == {
-        f"layers_{i}/{n}/kernel" for i in range(2) for n in ("query", "key", "value", "out", "mlp_in", "mlp_out")
+        f"layers_{i}/{n}/kernel"
+        for i in range(CFG.layers)
+        for n in ("query", "key", "value", "out", "mlp_in", "mlp_out")
     } | {"ln_final/scale", "ln_final/bias"}
     for path, node in items.items():
         before = items0[path]
@@ -129,3 +131,18 @@ def test_only_adapters_with_partition_labels_trains_trainable_base_leaves():
     np.testing.assert_array_equal(new["head"]["kernel"], params["head"]["kernel"] - 0.5)
     np.testing.assert_array_equal(new["dense"]["kernel"], params["dense"]["kernel"])
     np.testing.assert_array_equal(new["dense"]["bias"], params["dense"]["bias"])
+
+
+def test_only_adapters_with_labels_on_params_and_lora_together():
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}, "head": {"kernel": jnp.ones((3, 2))}}
+    spec = LoraSpec(rank=2, targets=["dense"], trainable=["head"])
+    lora = init_lora(rbg_key(0), params, spec.replace(trainable=None))
+    tx = only_adapters(optax.sgd(0.5), labels=partition(params, spec))
+    tree = (params, lora)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
+    new_params, new_lora = optax.apply_updates(tree, updates)
+    np.testing.assert_array_equal(new_params["head"]["kernel"], params["head"]["kernel"] - 0.5)
+    np.testing.assert_array_equal(new_params["dense"]["kernel"], params["dense"]["kernel"])
+    np.testing.assert_array_equal(new_lora["dense"]["kernel"].b, lora["dense"]["kernel"].b - 0.5)
+    with pytest.raises(ValueError, match=r"only_adapters\(labels=\.\.\.\): the labels .* have the structure of params"):
+        tx.init(lora)

@@ -31,13 +31,13 @@ def parser() -> argparse.ArgumentParser:
         description="Pretrain a small GPT on multi-digit addition, then LoRA-adapt it to subtraction; "
         "report accuracy before/after, trainable %, adapter size, speed; save, export and reload the adapter.",
     )
-    p.add_argument("--pretrain-steps", type=int, default=800, help="full-parameter steps on the old task")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="full-parameter steps on the old task")
     p.add_argument("--finetune-steps", type=int, default=600, help="adapter-only steps on the new task")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--digits", type=int, default=3, help="digits per operand")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--rank", type=int, default=2, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated kernel names")
     p.add_argument("--batch-size", type=int, default=128)
@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
+
+
+def _example(digits: int) -> tuple[int, int]:
+    """Two example operands with ``digits`` digits (123 and 456 for 3)."""
+    return int(("123456789" * digits)[:digits]), int(("456789123" * digits)[:digits])
 
 
 def _nbytes(tree: Any) -> int:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {t.op: demo_model.accuracy(answers, p, test[t.op], t) for t in tasks}
 
     say(
-        f"[1/5] pretraining every parameter on {old.op!r} ({args.digits}-digit operands, e.g. {old.text(123, 456)}; "
+        f"[1/5] pretraining every parameter on {old.op!r} ({args.digits}-digit operands, e.g. {old.text(*_example(args.digits))}; "
         f"answers are written least-significant digit first)"
     )
     pre = train.pretrain(
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
     mode, why = _pick_mode(args.mode, apply, params, lora, jnp.asarray(test[new.op][:2, :-1]))
     say(
-        f"[2/5] LoRA fine-tuning on {new.op!r} (e.g. {new.text(456, 123)}): rank {args.rank} on {len(summ.rows)} "
+        f"[2/5] LoRA fine-tuning on {new.op!r} (e.g. {new.text(*_example(args.digits)[::-1])}): rank {args.rank} on {len(summ.rows)} "
         f"kernels, {summ.trainable_params:,} of {summ.total_params:,} params trainable "
         f"({summ.trainable_percent:.2f}%); mode {mode} ({why})"
     )

@@ -4,14 +4,12 @@ The model is :class:`lora_jax.models.gpt.GPT`; a problem of ``seq_len``
 tokens is fed as its first ``seq_len - 1`` tokens and every position predicts
 the next token. Only the answer positions count, in the loss and in accuracy.
 
->>> import jax, jax.numpy as jnp, numpy as np
 >>> from lora_jax.demo.tasks import Task
->>> task = Task("add", digits=2)
->>> model = make_model(task, d_model=16, heads=2, layers=1)
->>> params = model.init(jax.random.key(0), jnp.zeros((1, task.seq_len - 1), jnp.int32))["params"]
->>> seq = jnp.asarray(task.batch(np.random.default_rng(0), 8))
->>> greedy_answers(model.apply, params, seq, task).shape
-(8, 3)
+>>> task = Task("add", digits=2)  # "12+34=" then 3 answer digits
+>>> make_model(task, d_model=16, heads=2, layers=1).cfg.max_len
+8
+>>> answer_mask(task, 1).tolist()  # positions 5..7 predict the answer tokens 6..8
+[[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]
 """
 
 from __future__ import annotations

@@ -4,15 +4,9 @@ Both loops draw fresh training problems every step (never from the held-out
 test split), run a jitted step, show a tqdm progress bar, and return the
 per-step losses and the speed measured after the first (compiling) step.
 
->>> import jax, jax.numpy as jnp, optax
->>> from lora_jax.demo.tasks import Task
->>> from lora_jax.demo.model import make_model
->>> task = Task("add", digits=1)
->>> model = make_model(task, d_model=16, heads=2, layers=1)
->>> params = model.init(jax.random.key(0), jnp.zeros((1, task.seq_len - 1), jnp.int32))["params"]
->>> run = pretrain(model, params, task, steps=3, batch_size=8, lr=1e-3, seed=0, progress=False)
->>> run.losses.shape
-(3,)
+>>> lr = schedule(1000, 1e-3)
+>>> [round(float(lr(step)), 8) for step in (0, 50, 1000)]
+[0.0, 0.001, 5e-05]
 """
 
 from __future__ import annotations
@@ -111,6 +105,28 @@ def pretrain(
     )
 
 
+def adapter_loss(model: GPT, task: Task, mode: str) -> Callable[[Any, Any, jax.Array], jax.Array]:
+    """The fine-tuning loss ``loss(lora, params, seq)`` of the adapted model.
+
+    ``mode="factored"`` runs the model through :func:`lora_jax.factored`
+    (``x·W + s·(x·A)·B``: ``W + BA`` is never formed and ``W`` gets no
+    gradient); ``mode="materialized"`` runs it on :func:`lora_jax.apply_lora`'s
+    effective weights. Both give the same value and adapter gradients.
+    """
+    apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    if mode == "factored":
+        run_model = lora_jax.factored(apply)
+    elif mode == "materialized":
+        run_model = lambda p, lo, t: apply(lora_jax.apply_lora(p, lo), t)  # noqa: E731
+    else:
+        raise ValueError(f"mode={mode!r}: expected 'factored' or 'materialized'.")
+
+    def loss(lora: Any, params: Any, seq: jax.Array) -> jax.Array:
+        return answer_loss(lambda t: run_model(params, lora, t), seq, task)
+
+    return loss
+
+
 def finetune(
     model: GPT,
     params: Any,
@@ -127,22 +143,10 @@ def finetune(
     """Train only the adapter tree ``lora`` on ``task``; ``params`` stay frozen.
 
     The gradient is taken with respect to the adapters alone (no base
-    gradient, no base optimizer state). ``mode="factored"`` runs the model
-    through :func:`lora_jax.factored` (``x·W + s·(x·A)·B``, ``W + BA`` never
-    formed); ``mode="materialized"`` runs it on :func:`lora_jax.apply_lora`'s
-    effective weights.
+    gradient, no base optimizer state); ``mode`` is as in :func:`adapter_loss`.
     """
-    apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
-    if mode == "factored":
-        run_model = lora_jax.factored(apply)
-    elif mode == "materialized":
-        run_model = lambda p, lo, t: apply(lora_jax.apply_lora(p, lo), t)  # noqa: E731
-    else:
-        raise ValueError(f"finetune(mode={mode!r}): expected 'factored' or 'materialized'.")
+    loss_fn = adapter_loss(model, task, mode)
     tx = lora_jax.only_adapters(optax.adamw(schedule(steps, lr), weight_decay=0.0))
-
-    def loss_fn(lora, params, seq):
-        return answer_loss(lambda t: run_model(params, lora, t), seq, task)
 
     @jax.jit
     def step(lora, opt_state, params, seq):

@@ -4,16 +4,19 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded/sharded_checks.py <command>
 
-with a timeout. A sub-command prints one ``OK <check>`` line per passed check
-and raises on the first failure. Importing this module has no side effects
+with a timeout (no argument: every check). Each check prints ``OK ...`` lines
+as it goes and ends with ``PASSED <check>`` or, after its traceback,
+``FAIL <check>``; the others still run. Importing this module has no side effects
 (pytest's doctest collection imports it), and ``multiprocess_worker.py`` reuses
 its model, shardings and reference loop.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +35,16 @@ STEPS = 3
 LR = 1e-2
 
 
+def optimizer() -> optax.GradientTransformation:
+    """Adam with ``eps`` large enough to keep the comparison well conditioned.
+
+    With the default ``eps=1e-8`` a first Adam step is ``lr * sign(g)``: for a
+    gradient entry that is zero up to rounding, a reordered float sum (what
+    sharding does) flips the sign and moves the weight by ``2 * lr``.
+    """
+    return optax.adam(LR, eps=1e-3)
+
+
 def config(scan: bool = False) -> GPTConfig:
     return GPTConfig(vocab=32, d_model=16, heads=4, layers=2, d_ff=32, max_len=8, scan=scan)
 
@@ -47,6 +60,7 @@ def lora_spec(cfg: GPTConfig, *, trainable: bool = True) -> lora_jax.LoraSpec:
     )
 
 
+@functools.cache
 def init_params(cfg: GPTConfig) -> Any:
     init = jax.jit(GPT(cfg).init)
     return jax.device_get(init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"])
@@ -127,9 +141,9 @@ def reference_run(
     cfg: GPTConfig, lora: Any, params: Any, x: np.ndarray, y: np.ndarray, steps: int = STEPS, mode: str = "apply_lora"
 ) -> tuple:
     """The single-device run everything is compared with: ``steps`` adam steps on one device."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     lora, params = jax.device_put((lora, params), dev)
-    tx = optax.adam(LR)
+    tx = optimizer()
     step = jax.jit(make_step(make_loss(cfg, mode), tx))
     opt_state = jax.jit(tx.init)(lora)
     losses = []
@@ -175,7 +189,7 @@ def check_init() -> None:
         cfg = config(scan)
         spec = lora_spec(cfg)
         params = init_params(cfg)
-        params_sh, lora, derived = sharded_setup(mesh, params, spec)
+        _, lora, derived = sharded_setup(mesh, params, spec)
         assert_shardings(lora, derived, f"init(scan={scan})")
         single = jax.jit(lambda key, params=params, spec=spec: lora_jax.init_lora(key, params, spec))
         assert_trees_close(lora, single(jax.random.key(2)), "init values vs single-device jit", 0, 0)
@@ -194,7 +208,9 @@ def check_init() -> None:
         assert items["lm_head/kernel"].value.spec == P(None, "model")
         # every device holds only its part: the B of a column-parallel kernel is split 4 ways
         node = lora_jax.adapter_items(lora)[f"{layer}/mlp_in/kernel"]
-        assert {s.data.shape for s in node.b.addressable_shards} == {((cfg.layers,) if scan else ()) + (4, cfg.d_ff // 4)}
+        assert {s.data.shape for s in node.b.addressable_shards} == {
+            ((cfg.layers,) if scan else ()) + (4, cfg.d_ff // 4)
+        }
         print(f"OK init scan={scan}")
 
     # from abstract params: ShapeDtypeStructs carrying shardings (no base weights materialized)
@@ -214,7 +230,7 @@ def _train_sharded(cfg, mesh, params, spec, mode: str, reference: tuple) -> None
     x, y = batch(cfg)
     params_sh, lora, derived = sharded_setup(mesh, params, spec)
     ref_lora, ref_losses = reference
-    tx = optax.adam(LR)
+    tx = optimizer()
     opt_state = jax.jit(tx.init, out_shardings=lora_jax.optimizer_shardings(tx, lora))(lora)
     step = jax.jit(make_step(make_loss(cfg, mode), tx))
     xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data", None))) for a in (x, y))
@@ -240,25 +256,38 @@ def check_train() -> None:
     cfg = config(scan=True)
     params = init_params(cfg)
     spec = lora_spec(cfg)
-    x, y = batch(cfg)
-    lora0 = jax.device_get(jax.jit(lambda key: lora_jax.init_lora(key, params, spec))(jax.random.key(2)))
-    reference = reference_run(cfg, lora0, params, x, y)  # one device, apply_lora
+    reference = single_device_reference(cfg)[3]  # one device, apply_lora
     for mode in ("apply_lora", "factored"):
         _train_sharded(cfg, mesh, params, spec, mode, reference)
 
 
-def _data_parallel_reference(cfg, params, spec):
+@functools.cache
+def single_device_reference(cfg: GPTConfig) -> tuple:
+    """``(x, y, lora0, (lora, losses))``: the batch, initial adapters and the single-device run (cached)."""
+    params, spec = init_params(cfg), lora_spec(cfg)
     x, y = batch(cfg)
     lora0 = jax.device_get(jax.jit(lambda key: lora_jax.init_lora(key, params, spec))(jax.random.key(2)))
     return x, y, lora0, reference_run(cfg, lora0, params, x, y)
 
 
-def _local_step(cfg, tx, axis: str):
+def _local_step(cfg, tx, axis: str, *, shard_map: bool = False):
+    """One data-parallel step on a device's part of the batch.
+
+    Under ``pmap`` each device's gradient is local: average it with ``pmean``.
+    Under ``shard_map`` (which tracks replicated vs varying values) the
+    gradient of a replicated input is already summed over devices by the
+    transpose, so a ``pmean`` after ``grad`` would give ``n`` times the mean
+    gradient; differentiate the global loss ``pmean(local loss)`` instead.
+    """
     loss_fn = make_loss(cfg)
 
     def step(lora, opt_state, params, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(lora, params, x, y)
-        grads, loss = jax.lax.pmean((grads, loss), axis)  # equal shards: the mean of means is the mean
+        if shard_map:
+            global_loss = lambda lo: jax.lax.pmean(loss_fn(lo, params, x, y), axis)  # noqa: E731
+            loss, grads = jax.value_and_grad(global_loss)(lora)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(lora, params, x, y)
+            grads, loss = jax.lax.pmean((grads, loss), axis)  # equal shards: the mean of means is the mean
         updates, opt_state = tx.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
 
@@ -269,10 +298,9 @@ def check_pmap() -> None:
     """A pmap data-parallel loop over 8 devices equals the single-device run."""
     cfg = config(scan=True)
     params = init_params(cfg)
-    spec = lora_spec(cfg)
-    x, y, lora0, (ref_lora, ref_losses) = _data_parallel_reference(cfg, params, spec)
+    x, y, lora0, (ref_lora, ref_losses) = single_device_reference(cfg)
     n = jax.device_count()
-    tx = optax.adam(LR)
+    tx = optimizer()
     replicate = lambda t: jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), t)  # noqa: E731
     lora, opt_state, rparams = replicate(lora0), replicate(jax.jit(tx.init)(lora0)), replicate(params)
     xs, ys = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
@@ -282,6 +310,7 @@ def check_pmap() -> None:
         lora, opt_state, loss = step(lora, opt_state, rparams, xs, ys)
         losses.append(float(loss[0]))
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
+    lora = jax.device_get(lora)
     for k in range(n):  # every replica holds the same adapters, equal to the reference
         assert_trees_close(jax.tree_util.tree_map(lambda a, k=k: a[k], lora), ref_lora, f"pmap replica {k}")
     print(f"OK pmap losses={[round(v, 5) for v in losses]}")
@@ -291,13 +320,12 @@ def check_shard_map() -> None:
     """A shard_map data-parallel loop over an 8-device mesh equals the single-device run."""
     cfg = config(scan=True)
     params = init_params(cfg)
-    spec = lora_spec(cfg)
-    x, y, lora0, (ref_lora, ref_losses) = _data_parallel_reference(cfg, params, spec)
+    x, y, lora0, (ref_lora, ref_losses) = single_device_reference(cfg)
     mesh = auto_mesh((8,), ("data",))
-    tx = optax.adam(LR)
+    tx = optimizer()
     step = jax.jit(
         jax.shard_map(
-            _local_step(cfg, tx, "data"),
+            _local_step(cfg, tx, "data", shard_map=True),
             mesh=mesh,
             in_specs=(P(), P(), P(), P("data"), P("data")),
             out_specs=(P(), P(), P()),
@@ -355,10 +383,20 @@ CHECKS = {
 
 
 def main(argv: list[str]) -> None:
+    """Run the named checks (all by default), each to the end; exit 1 if any failed."""
     if jax.device_count() != 8:
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8); found {jax.devices()}")
+    failed = []
     for name in argv or list(CHECKS):
-        CHECKS[name]()
+        try:
+            CHECKS[name]()
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            print(f"FAIL {name}", flush=True)
+        else:
+            print(f"PASSED {name}", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

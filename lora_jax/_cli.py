@@ -1,0 +1,166 @@
+"""The command line: ``python -m lora_jax {inspect,convert,demo}``.
+
+* ``inspect PATH`` prints the summary table of an adapter: an orbax checkpoint
+  (:func:`lora_jax.save_adapter`, or a ``CheckpointManager`` step directory)
+  or a PEFT adapter directory. Only the adapter is read; no base weights.
+* ``convert SRC DST`` converts orbax <-> PEFT (the format of ``SRC`` is
+  detected, ``DST`` gets the other). PEFT -> orbax reads the kernels from the
+  file: 2-D ``"io"`` kernels at ``module/path/kernel`` (embeddings at
+  ``.../embedding``, 4-D Conv2D kernels ``"iiio"``). For multi-axis or stacked
+  kernels use :func:`lora_jax.import_peft` with your params and ``name_map``.
+* ``demo ...`` runs :func:`lora_jax.demo.main`.
+
+Errors print one line on stderr and exit with status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+ORBAX, PEFT = "orbax", "peft"
+
+
+def detect_format(path: pathlib.Path) -> str:
+    """``"orbax"`` or ``"peft"``: which adapter format the directory holds."""
+    from lora_jax._checkpoint import META
+    from lora_jax._peft_import import CONFIG
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory; an adapter is an orbax checkpoint or a PEFT adapter directory")
+    if (path / META).is_dir():
+        return ORBAX
+    if (path / CONFIG).is_file():
+        return PEFT
+    raise ValueError(
+        f"{path}: neither an orbax adapter checkpoint (no {META}/) nor a PEFT adapter (no {CONFIG}); "
+        f"for a CheckpointManager directory pass one step, e.g. {path / '<step>'}"
+    )
+
+
+def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
+    """An adapter tree of ShapeDtypeStructs (no arrays read for orbax) and a description line."""
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax._adapters import LoraWeights, Trainable
+    from lora_jax._checkpoint import read_adapter_meta
+    from lora_jax._paths import nest
+
+    if fmt == ORBAX:
+        meta = read_adapter_meta(path)
+        out = {}
+        for p, e in meta["adapters"].items():
+            sds = {f: jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"])) for f, i in e["arrays"].items()}
+            if e["type"] == "lora":
+                out[p] = LoraWeights(sds["a"], sds["b"], scale=e["scale"], layout=e["layout"], kind=e["kind"])
+            else:
+                out[p] = Trainable(sds["value"])
+        s = meta["spec"]
+        desc = f"orbax adapter checkpoint {path}: rank={s['rank']} alpha={s['alpha']:g} rslora={s['rslora']}"
+        return nest(out), desc
+    from lora_jax._peft_import import import_peft, read_peft
+
+    config, _ = read_peft(path)
+    lora, spec = import_peft(path)
+    desc = (
+        f"PEFT adapter {path}: r={spec.rank} lora_alpha={spec.alpha:g} use_rslora={spec.rslora} "
+        f"base_model={config.get('base_model_name_or_path')} (paths: torch module names joined with '/', 2-D 'io' view)"
+    )
+    return lora, desc
+
+
+def inspect(path: pathlib.Path) -> str:
+    """The text ``inspect`` prints: a description line and the summary table."""
+    from lora_jax._summary import summary
+
+    lora, desc = _abstract_lora(path, detect_format(path))
+    s = summary({}, lora)
+    lines = str(s).splitlines()[:-1]  # the footer's totals need base params, which an adapter does not hold
+    footer = (
+        f"adapter params: {s.trainable_params:,} || adapter bytes: {s.trainable_bytes:,} || "
+        f"base params: not stored in an adapter (lora_jax.summary(params, lora) gives totals)"
+    )
+    return "\n".join([desc, *lines, footer])
+
+
+def convert(src: pathlib.Path, dst: pathlib.Path, *, name_map: dict | None, overwrite: bool) -> str:
+    """Convert ``src`` to the other format at ``dst``; returns a one-line report."""
+    from lora_jax._checkpoint import load_adapter, save_adapter
+    from lora_jax._peft import export_peft
+    from lora_jax._peft_import import import_peft
+
+    fmt = detect_format(src)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if fmt == ORBAX:
+        lora, spec = load_adapter(src)
+        export_peft(dst, lora, spec, name_map=name_map, overwrite=overwrite)
+        return f"wrote PEFT adapter {dst} from orbax checkpoint {src}"
+    if name_map is not None:
+        raise ValueError("--name-map applies to orbax -> PEFT; PEFT -> orbax keeps the torch module names as paths")
+    lora, spec = import_peft(src)
+    save_adapter(dst, lora, spec, overwrite=overwrite)
+    return f"wrote orbax checkpoint {dst} from PEFT adapter {src} (kernels as 2-D 'io' at module/path/kernel)"
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        import lora_jax.demo as demo
+    except ModuleNotFoundError as e:
+        if e.name not in ("lora_jax.demo",):
+            raise
+        print(
+            "lora_jax demo: error: the demo is not available in this installation (no lora_jax.demo)", file=sys.stderr
+        )
+        return 2
+    return int(demo.main(argv) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_jax", description="LoRA adapters for JAX: inspect, convert.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the summary table of an orbax or PEFT adapter")
+    p.add_argument("path", type=pathlib.Path)
+    p = sub.add_parser("convert", help="convert an adapter orbax <-> PEFT (format of SRC detected)")
+    p.add_argument("src", type=pathlib.Path)
+    p.add_argument("dst", type=pathlib.Path)
+    p.add_argument("--name-map", type=pathlib.Path, help="JSON file {param path: torch module name} (orbax -> PEFT)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p = sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Example:
+      >>> main(["inspect", "/nonexistent"])
+      1
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # everything after "demo" belongs to the demo's own parser
+        return _demo(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            print(inspect(args.path))
+        else:
+            name_map = None
+            if args.name_map is not None:
+                try:
+                    name_map = json.loads(args.name_map.read_text())
+                except (OSError, json.JSONDecodeError) as e:
+                    raise ValueError(f"--name-map {args.name_map}: cannot read a JSON object ({e})") from None
+            print(convert(args.src, args.dst, name_map=name_map, overwrite=args.overwrite))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"lora_jax {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
