@@ -21,7 +21,6 @@ within one factor; anything else raises :class:`FactoredError`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
 from typing import Any
 
@@ -219,7 +218,6 @@ def slice_axes(lk: LazyKernel, starts: list[Any], sizes: list[int], new_w: jax.A
     a, b = lk.a, lk.b
     a_pos = {k: i for i, k in enumerate(lk.a_axes())}
     b_pos = {k: i + 1 for i, k in enumerate(lk.b_axes())}
-    kinds = list(lk.kinds)
     for k, (start, size) in enumerate(zip(starts, sizes, strict=True)):
         if size == lk.shape[k]:
             continue
@@ -227,8 +225,4 @@ def slice_axes(lk: LazyKernel, starts: list[Any], sizes: list[int], new_w: jax.A
             a = jax.lax.dynamic_slice_in_dim(a, start, size, a_pos[k])
         if k in b_pos:
             b = jax.lax.dynamic_slice_in_dim(b, start, size, b_pos[k])
-    return LazyKernel(new_w, a, b, tuple(kinds), lk.scale, lk.path)
-
-
-def size_of(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
+    return LazyKernel(new_w, a, b, lk.kinds, lk.scale, lk.path)

@@ -246,12 +246,18 @@ def init_lora_sharded(
       >>> lora["mlp_in"]["kernel"].b.sharding.spec
       P(None, 'model')
     """
+    fn, values = _sharded_init(params, spec, shardings=shardings, mesh=mesh)
+    return fn(key, values)
+
+
+def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> tuple[Any, dict[str, Any]]:
+    """``(jitted init, its trainable-leaf values)``: the computation :func:`init_lora_sharded` runs."""
     abstract = map_with_paths(_abstract, params)
     _, trainable = resolve(abstract, spec)
     flat = flatten_with_paths(params)
     values = {}
     for path in sorted(trainable):
-        if not isinstance(flat[path], jax.Array):
+        if isinstance(flat[path], jax.ShapeDtypeStruct):
             raise ValueError(
                 f"{path}: LoraSpec(trainable=...) selects this leaf, which is trained in full from its current "
                 f"value, but params hold only its shape ({type(flat[path]).__name__}). Pass the real array."
@@ -262,7 +268,7 @@ def init_lora_sharded(
         full = map_with_paths(lambda path, x: values.get(path, x), abstract)
         return init_lora(key, full, spec)
 
-    abstract_lora = jax.eval_shape(make, key, values)
+    abstract_lora = jax.eval_shape(make, jax.ShapeDtypeStruct((), jax.random.key(0).dtype), values)
     out = adapter_shardings(params if shardings is None else shardings, abstract_lora, mesh=mesh)
     for path, s in flatten_with_paths(out, is_leaf=_is_sharding_leaf).items():
         if isinstance(s, PartitionSpec):
@@ -270,7 +276,7 @@ def init_lora_sharded(
                 f"{path}: the base shardings are PartitionSpecs but no mesh was given; call "
                 f"init_lora_sharded(..., mesh=mesh) or pass NamedShardings."
             )
-    return jax.jit(make, out_shardings=out)(key, values)
+    return jax.jit(make, out_shardings=out), values
 
 
 def _key_strs(key_path: tuple) -> tuple[str, ...]:

@@ -45,8 +45,8 @@ class Summary:
 
     @property
     def total_params(self) -> int:
-        """Base plus adapter parameters (PEFT's "all params")."""
-        return self.base_params + sum(r.params for r in self.rows if r.kind != "trainable")
+        """Base plus adapter parameters, full copies included (PEFT's "all params")."""
+        return self.base_params + sum(r.params for r in self.rows)
 
     @property
     def trainable_percent(self) -> float:

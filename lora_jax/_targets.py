@@ -210,7 +210,7 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
                 continue
             if not jnp.issubdtype(sd[1], jnp.floating):
                 raise TypeError(
-                    f"{path}: LoraSpec(targets=...) selects a {sd[1]} leaf of shape {sd[0]}; LoRA adapts "
+                    f"{path}: LoraSpec(targets=...) selects a leaf of dtype {sd[1]} and shape {sd[0]}; LoRA adapts "
                     f"floating-point kernels only. Exclude it with LoraSpec(exclude=...)."
                 )
         shape, dtype = sd

@@ -18,9 +18,3 @@ def strict_promotion():
     """Run the test with ``jax_numpy_dtype_promotion="strict"``."""
     with jax.numpy_dtype_promotion("strict"):
         yield
-
-
-@pytest.fixture
-def key() -> jax.Array:
-    """A fixed PRNG key."""
-    return jax.random.key(0)

@@ -268,25 +268,37 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path
     lora_jax.save_adapter(tmp_path / "single" / "adapter", small, SPEC)
 
     children = {
-        mode: subprocess.Popen([sys.executable, "-c", _CHILD, mode, str(where)], stdout=subprocess.PIPE, text=True)
+        mode: subprocess.Popen(
+            [sys.executable, "-c", _CHILD, mode, str(where)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for mode, where in (("manager", tmp_path / "run"), ("single", tmp_path / "single" / "adapter"))
     }
     watched = {"manager": tmp_path / "run", "single": tmp_path / "single"}
-    killed_mid_save = {}
+    killed_mid_save, failed = {}, {}
     deadline = time.monotonic() + 120
-    while children and time.monotonic() < deadline:
-        for mode, child in list(children.items()):
-            if any("tmp" in p.name for p in watched[mode].iterdir()):  # orbax's temporary directory exists
-                os.kill(child.pid, signal.SIGKILL)
-                child.wait()
-                killed_mid_save[mode] = child.stdout.read()
+    try:
+        while children and time.monotonic() < deadline:
+            for mode, child in list(children.items()):
+                if any("tmp" in p.name for p in watched[mode].iterdir()):  # orbax's temporary directory exists
+                    os.kill(child.pid, signal.SIGKILL)
+                    child.wait()
+                    killed_mid_save[mode] = child.stdout.read()
+                elif child.poll() is not None:
+                    failed[mode] = child.stdout.read()
+                else:
+                    continue
                 child.stdout.close()
                 del children[mode]
-            elif child.poll() is not None:
-                out = child.stdout.read()
-                child.stdout.close()
-                pytest.fail(f"{mode} child ended before it was killed: {out}")
-        time.sleep(0.002)
+            time.sleep(0.002)
+    finally:
+        for child in children.values():  # only on failure: do not leave children behind
+            child.kill()
+            child.wait()
+            child.stdout.close()
+    assert not failed, f"children ended before they were killed: {failed}"
     assert killed_mid_save.keys() == {"manager", "single"}
     assert all("done" not in out for out in killed_mid_save.values())
 

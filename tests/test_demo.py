@@ -114,7 +114,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "--digits",
         "2",
         "--eval-size",
-        "200",
+        "100",
         "--no-progress",
         "--out",
         str(tmp_path),

@@ -162,7 +162,8 @@ def test_adapter_for_paths_params_lack():
 def test_swapped_arguments_are_reported():
     lora = init_lora(jax.random.key(0), dense_params(), LoraSpec(rank=2, targets=["query"]))
     with pytest.raises(
-        TypeError, match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found \w+\. Pass the adapter tree as the second argument"
+        TypeError,
+        match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found \w+\. Pass the adapter tree as the second argument",
     ):
         apply_lora(lora, dense_params())
 
@@ -171,7 +172,7 @@ def test_integer_leaf_targeted_by_name():
     params = {"tokens": {"table": jnp.zeros((4, 4), jnp.int32)}}
     with pytest.raises(
         TypeError,
-        match=r"tokens/table: LoraSpec\(targets=\.\.\.\) selects a int32 leaf of shape \(4, 4\); LoRA adapts floating-point kernels only",
+        match=r"tokens/table: LoraSpec\(targets=\.\.\.\) selects a leaf of dtype int32 and shape \(4, 4\); LoRA adapts floating-point kernels only",
     ):
         init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["tokens"]))
 

@@ -1,10 +1,10 @@
 """Sharded-training checks, run in a subprocess with 8 simulated CPU devices.
 
-``tests/test_sharding.py`` runs each sub-command as
+``tests/test_sharding.py`` runs every check once, in one process, as
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded/sharded_checks.py <command>
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded/sharded_checks.py [check ...]
 
-with a timeout (no argument: every check). Each check prints ``OK ...`` lines
+with a timeout (name checks, e.g. ``init train``, to run only those). Each check prints ``OK ...`` lines
 as it goes and ends with ``PASSED <check>`` or, after its traceback,
 ``FAIL <check>``; the others still run. Importing this module has no side effects
 (pytest's doctest collection imports it), and ``multiprocess_worker.py`` reuses
@@ -182,6 +182,25 @@ def sharded_setup(mesh: jax.sharding.Mesh, params: Any, spec: lora_jax.LoraSpec)
 # --------------------------------------------------------------------------- checks
 
 
+def assert_no_full_copy(params_sh: Any, spec: lora_jax.LoraSpec) -> None:
+    """The compiled per-device init program never forms a sharded adapter at its full shape, and moves no data."""
+    from lora_jax import _sharding
+
+    fn, values = _sharding._sharded_init(params_sh, spec, shardings=None, mesh=None)
+    key = jax.random.key(2)
+    hlo = fn.lower(key, values).compile().as_text()
+    collectives = [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if op in hlo]
+    assert not collectives, f"the sharded init communicates: {collectives}"
+    shown = lambda shape: "[" + ",".join(map(str, shape)) + "]"  # noqa: E731  (as HLO writes shapes)
+    for path, node in lora_jax.adapter_items(fn(key, values)).items():
+        for name in ("a", "b"):
+            x = getattr(node, name, None)
+            if x is None or x.sharding.is_fully_replicated:
+                continue
+            assert shown(x.shape) not in hlo, f"{path}.{name}: the init program forms its full shape {x.shape}"
+            assert shown(x.addressable_shards[0].data.shape) in hlo
+
+
 def check_init() -> None:
     """Adapters are born sharded with the derived shardings and equal the unsharded init."""
     mesh = auto_mesh((2, 4), ("data", "model"))
@@ -189,7 +208,7 @@ def check_init() -> None:
         cfg = config(scan)
         spec = lora_spec(cfg)
         params = init_params(cfg)
-        _, lora, derived = sharded_setup(mesh, params, spec)
+        params_sh, lora, derived = sharded_setup(mesh, params, spec)
         assert_shardings(lora, derived, f"init(scan={scan})")
         single = jax.jit(lambda key, params=params, spec=spec: lora_jax.init_lora(key, params, spec))
         assert_trees_close(lora, single(jax.random.key(2)), "init values vs single-device jit", 0, 0)
@@ -211,6 +230,7 @@ def check_init() -> None:
         assert {s.data.shape for s in node.b.addressable_shards} == {
             ((cfg.layers,) if scan else ()) + (4, cfg.d_ff // 4)
         }
+        assert_no_full_copy(params_sh, spec)
         print(f"OK init scan={scan}")
 
     # from abstract params: ShapeDtypeStructs carrying shardings (no base weights materialized)
