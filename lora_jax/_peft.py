@@ -180,7 +180,12 @@ def export_peft(
     from safetensors.numpy import save_file
 
     path = pathlib.Path(path).absolute()
-    if path.exists() and not overwrite:
+    exists = path.exists()
+    if jax.process_count() > 1:  # every process checks before process 0 may write
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lora_jax.export_peft.check:{path}")
+    if exists and not overwrite:
         raise FileExistsError(f"{path} already exists; pass export_peft(..., overwrite=True) to replace it.")
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}

@@ -77,7 +77,7 @@ def selector_matches(selector: Any, path: str, leaf: Any) -> bool:
     if isinstance(selector, str):
         return _regex_match(selector, path)
     runs = _key_runs(_keys(path))
-    return any(name in runs for name in selector)
+    return any(name in runs or _regex_match(name, path) for name in selector)
 
 
 def _is_explicit(selector: Any, path: str, leaf: Any) -> bool:

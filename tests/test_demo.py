@@ -81,20 +81,19 @@ def test_greedy_decoding_feeds_each_token_back():
     np.testing.assert_array_equal(got, np.tile((first + np.arange(task.answer_len)) % 10, (3, 1)))
 
 
-def test_factored_and_materialized_losses_and_gradients_agree():
+def test_factored_and_materialized_losses_agree():
+    # the gradients of the two modes are compared on this GPT in tests/test_factored.py
     task = Task("sub", digits=2)
     model = demo_model.make_model(task, d_model=16, heads=2, layers=1)
     params = model.init(jax.random.key(0), jnp.zeros((1, task.seq_len - 1), jnp.int32))["params"]
     spec = lora_jax.LoraSpec(rank=2, alpha=4.0, axes=lora_jax.models.gpt.lora_axes(model.cfg), init="random")
     lora = lora_jax.init_lora(jax.random.key(1), params, spec)
     seq = jnp.asarray(task.batch(np.random.default_rng(5), 8))
-    (lf, gf), (lm, gm) = (
-        jax.jit(jax.value_and_grad(train.adapter_loss(model, task, mode)))(lora, params, seq)
-        for mode in ("factored", "materialized")
-    )
-    np.testing.assert_allclose(lf, lm, rtol=1e-5)
-    for x, y in zip(jax.tree_util.tree_leaves(gf), jax.tree_util.tree_leaves(gm), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    loss = {mode: jax.jit(train.adapter_loss(model, task, mode)) for mode in ("factored", "materialized")}
+    factored, materialized = (loss[mode](lora, params, seq) for mode in ("factored", "materialized"))
+    base = loss["materialized"](jax.tree_util.tree_map(jnp.zeros_like, lora), params, seq)
+    np.testing.assert_allclose(factored, materialized, rtol=1e-5)
+    assert abs(float(factored) - float(base)) > 1e-3  # the random adapter really changes the loss
     with pytest.raises(ValueError, match="expected 'factored' or 'materialized'"):
         train.adapter_loss(model, task, "fused")
 

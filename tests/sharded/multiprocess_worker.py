@@ -102,11 +102,10 @@ def main(process_id: int, port: int, shared: pathlib.Path) -> None:
     sc.assert_trees_close(multihost_utils.process_allgather(restored, tiled=True), trained, "restored", 0, 0)
     log("OK orbax save on 2x4, restore on 4x2")
 
-    # Gathers non-addressable arrays; process 0 writes. overwrite=True only because export_peft checks
-    # that the path is free on every process, and process 0 may already have written it by the time
-    # process 1 checks (a race in export_peft, reported to be fixed there); the paths are fresh.
-    lora_jax.export_peft(shared / "peft_sharded", lora, spec, overwrite=True)
-    lora_jax.export_peft(shared / "peft_reference", ref_lora, spec, overwrite=True)
+    # Gathers non-addressable arrays; process 0 writes. No overwrite=True: every process checks that
+    # the fresh path is free before process 0 writes it.
+    lora_jax.export_peft(shared / "peft_sharded", lora, spec)
+    lora_jax.export_peft(shared / "peft_reference", ref_lora, spec)
     log("OK export_peft")
     jax.distributed.shutdown()
 
