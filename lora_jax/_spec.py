@@ -103,7 +103,12 @@ class LoraSpec:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"LoraSpec(rank=...) must be a positive integer; found {self.rank!r}.")
         put("rank", int(self.rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float, np.number))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise ValueError(f"LoraSpec(alpha=...) must be a positive finite number; found {self.alpha!r}.")
         put("alpha", float(self.alpha))
         for name in ("targets", "exclude", "trainable"):
