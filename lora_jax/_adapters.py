@@ -115,5 +115,14 @@ ADAPTER_TYPES = (LoraWeights, Trainable)
 
 
 def is_adapter(x: object) -> bool:
-    """Whether ``x`` is an adapter node (a leaf of an adapter tree)."""
+    """Whether ``x`` is an adapter node (a leaf of an adapter tree).
+
+    Use it as ``is_leaf`` to walk an adapter tree node by node.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> lora = {"dense": {"kernel": LoraWeights(jnp.ones((3, 1)), jnp.zeros((1, 2)))}}
+      >>> [type(n).__name__ for n in jax.tree_util.tree_leaves(lora, is_leaf=is_adapter)]
+      ['LoraWeights']
+    """
     return isinstance(x, ADAPTER_TYPES)

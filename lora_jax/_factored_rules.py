@@ -120,10 +120,12 @@ def factored_product(
     options = [(sa, a, sb, b), (sb, b, sa, a)]
     ps, pv, qs, qv = min(options, key=lambda o: math.prod(sizes[c] for c in inter(o[0], o[2])))
     ts = inter(ps, qs)
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) == x.dtype == lk.dtype:
+        preferred_element_type = None  # the default already; keeps the einsum the same as a hand-written one
     kw = {"precision": precision, "preferred_element_type": preferred_element_type}
     t = jnp.einsum(f"{xs},{ps}->{ts}", x, pv, **kw)
-    y = jnp.einsum(f"{ts},{qs}->{known}", t, qv.astype(t.dtype), **kw)
-    y = y * jnp.asarray(lk.scale, y.dtype)
+    # the scale goes on the small factor, not on the (tokens x out) result: one less pass over activations
+    y = jnp.einsum(f"{ts},{qs}->{known}", t, (qv * jnp.asarray(lk.scale, qv.dtype)).astype(t.dtype), **kw)
     if known != out:
         k_sizes = dict(zip(ks, lk.shape, strict=True))
         y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
@@ -182,8 +184,8 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
     t = lax.conv_general_dilated_p.bind(dropout(x), a_kernel, **params)
     feat = dn.out_spec[1]
     t = jnp.moveaxis(t, feat, -1)
-    y = jnp.einsum("...z,zo->...o", t, lk.b.astype(t.dtype), precision=params.get("precision"))
-    y = jnp.moveaxis(y, -1, feat) * jnp.asarray(lk.scale, y.dtype)
+    b = (lk.b * jnp.asarray(lk.scale, lk.b.dtype)).astype(t.dtype)
+    y = jnp.moveaxis(jnp.einsum("...z,zo->...o", t, b, precision=params.get("precision")), -1, feat)
     return base + y.astype(base.dtype)
 
 
@@ -240,8 +242,7 @@ def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
     p_letters = [c for i, c in enumerate(ps) if i not in collapsed]
     ts = "".join(batch_letters) + "".join(p_letters)
     known = "".join(c for c in out if c in ts or c in qs)
-    y = jnp.einsum(f"{ts},{qs}->{known}", t, qv.astype(t.dtype))
-    y = y * jnp.asarray(lk.scale, y.dtype)
+    y = jnp.einsum(f"{ts},{qs}->{known}", t, (qv * jnp.asarray(lk.scale, qv.dtype)).astype(t.dtype))
     if known != "".join(out):
         y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
         y = jnp.broadcast_to(y, base.shape)

@@ -35,6 +35,14 @@ class Summary:
     """Trainable vs total parameters, with one row per adapted leaf.
 
     ``str(summary)`` is a table; the fields are there for programs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora, summary
+      >>> params = {"dense": {"kernel": jnp.ones((16, 8))}}
+      >>> s = summary(params, init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"])))
+      >>> [(r.path, r.rank, r.params) for r in s.rows], round(s.trainable_percent, 2)
+      ([('dense/kernel', 2, 48)], 27.27)
     """
 
     rows: tuple[SummaryRow, ...]
