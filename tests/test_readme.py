@@ -1,24 +1,29 @@
-"""The README's quickstart runs as written, and its CI commands are present."""
+"""The README's examples run as written, and its CI commands are present."""
 
 import pathlib
 import re
+import tempfile
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def runnable_blocks() -> list[str]:
+    """The python blocks marked ``<!-- test:run -->``, in order (they share one namespace)."""
+    return re.findall(r"<!-- test:run -->\n```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 def test_readme_has_install_and_test_commands():
     text = README.read_text()
     assert "<!-- ci:install -->" in text and "<!-- ci:test -->" in text
+    assert "python -m lora_jax demo" in text
 
 
-def test_readme_quickstart_runs(capsys):
-    blocks = python_blocks()
-    assert blocks, "README has no python blocks"
+def test_readme_examples_run(capsys, tmp_path, monkeypatch):
+    blocks = runnable_blocks()
+    assert len(blocks) >= 2, "README lost its quickstart or checkpoint example"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' files go to tmp_path
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md:quickstart", "exec"), namespace)
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"README.md:block{k}", "exec"), namespace)
     out = capsys.readouterr().out
     assert "trainable params" in out and "loss" in out
