@@ -106,6 +106,12 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
+        if any(isinstance(x, rules.Pending) for x in invals):
+            added = _add_to_pending(eqn.primitive, invals)
+            if added is not None:
+                env[eqn.outvars[0]] = added
+                continue
+            invals = [x.resolve() if isinstance(x, rules.Pending) else x for x in invals]
         with eqn.ctx.manager:
             if any(isinstance(x, LazyKernel) for x in invals):
                 outs = _lazy_eqn(eqn.primitive, invals, dict(eqn.params), ctx)
@@ -114,7 +120,25 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
                 outs = ans if eqn.primitive.multiple_results else [ans]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
-    return [_materialize_or_raise(x, "output of the function", ctx) for x in (_read(env, v) for v in jaxpr.outvars)]
+    outs = [_read(env, v) for v in jaxpr.outvars]
+    outs = [x.resolve() if isinstance(x, rules.Pending) else x for x in outs]
+    return [_materialize_or_raise(x, "output of the function", ctx) for x in outs]
+
+
+def _add_to_pending(prim: Any, invals: list[Any]) -> rules.Pending | None:
+    """``(base + delta) + z`` as ``(base + z) + delta`` when the eqn is such an add."""
+    if prim.name != "add" or len(invals) != 2:
+        return None
+    i = 0 if isinstance(invals[0], rules.Pending) else 1
+    pending, other = invals[i], invals[1 - i]
+    if isinstance(other, (rules.Pending, LazyKernel)):
+        return None
+    if np.ndim(other) != pending.base.ndim or any(
+        o not in (1, n) for o, n in zip(np.shape(other), pending.base.shape, strict=True)
+    ):
+        return None  # the add would broadcast the adapter branch: form the sum first
+    base = prim.bind(pending.base, other) if i == 0 else prim.bind(other, pending.base)
+    return rules.Pending(base, pending.delta)
 
 
 def _materialize_or_raise(x: Any, where: str, ctx: _Context) -> Any:

@@ -20,18 +20,11 @@ import sys
 import time
 
 import numpy as np
+from _xla_env import xla_env
 from safetensors.numpy import load_file
 
 WORKER = pathlib.Path(__file__).parent / "sharded" / "multiprocess_worker.py"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 300
-
-
-def xla_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ time is compilation.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _xla_env import xla_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,15 +28,7 @@ import lora_jax
 from lora_jax import LoraSpec, LoraWeights, Trainable
 
 SCRIPT = pathlib.Path(__file__).parent / "sharded" / "sharded_checks.py"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 480
-
-
-def xla_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 # ------------------------------------------------------------------ in-process: derived specs
