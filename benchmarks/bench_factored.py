@@ -7,7 +7,8 @@ weights and inference of the base. LoRA on q, k, v, o and the MLP kernels; adam
 on the trained tree; the trained state is donated.
 
 Columns: median step time over ``--steps`` repetitions after warm-up (rows are
-interleaved round-robin so machine noise hits all of them alike), its ratio to
+interleaved round-robin so machine noise hits all of them alike; training and
+inference rows in separate round-robins, the order rotating every round), its ratio to
 full fine-tuning, peak memory from ``compiled.memory_analysis()`` (arguments +
 outputs - aliased + temporaries), compile time and the FLOP count ratio from
 ``compiled.cost_analysis()``.
@@ -128,9 +129,14 @@ def measure(rows: list[Row], steps: int, warmup: int) -> None:
     for _ in range(warmup):
         for row in rows:
             row.run()
-    for _ in range(steps):
-        for row in rows:  # round-robin: noise from other processes hits every row alike
-            row.times.append(row.run())
+    # Training rows and inference rows are timed in separate round-robins (an inference step right after a
+    # training step runs slower: the training step's memory traffic evicts its caches). Within a group the
+    # order rotates every round, so noise from other processes and position effects hit every row alike.
+    for group in ([r for r in rows if r.train], [r for r in rows if not r.train]):
+        for i in range(steps):
+            k = i % max(len(group), 1)
+            for row in group[k:] + group[:k]:
+                row.times.append(row.run())
 
 
 def table(rows: list[Row]) -> tuple[str, dict[str, float]]:
