@@ -95,7 +95,7 @@ def apply_lora(params: Any, lora: Any) -> Any:
       >>> bool(jnp.all(out["dense"]["kernel"] == 1.0))  # B = 0 at init: a no-op
       True
     """
-    return _transform(params, lora, lambda node, w: node.apply_to(w))
+    return _transform(params, lora, _apply_op)
 
 
 def _is_tracing(tree: Any) -> bool:

@@ -215,8 +215,8 @@ def _scan(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]
     packed, rebuilders = [], {}
     for i, x in enumerate(xs):
         if isinstance(x, LazyKernel):
-            packed.append(_scan_slices(x)[0])
-            rebuilders[i] = _scan_slices(x)[1]
+            scanned, rebuilders[i] = _scan_slices(x)
+            packed.append(scanned)
         else:
             packed.append(x)
     site_key = ctx.next_key() if ctx.dropout > 0 else None
@@ -237,7 +237,8 @@ def _scan(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]
 
 def _cond(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
     index, ops = invals[0], invals[1:]
-    branches = [(lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, ctx.child(ctx.key))) for br in params["branches"]]
+    site_key = ctx.next_key() if ctx.dropout > 0 else None  # its own dropout key, not one a site outside reuses
+    branches = [(lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, ctx.child(site_key))) for br in params["branches"]]
     return list(lax.switch(index, branches, *ops))
 
 
@@ -246,12 +247,17 @@ def _while(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any
     cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
     init = [_materialize_or_raise(x, "while_loop carry", ctx) for x in init]
     cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
-    out = lax.while_loop(
-        lambda c: _eval(cj.jaxpr, cj.consts, [*cconsts, *c], ctx.child(ctx.key))[0],
-        lambda c: _eval(bj.jaxpr, bj.consts, [*bconsts, *c], ctx.child(ctx.key)),
-        init,
-    )
-    return list(out)
+    site_key = ctx.next_key() if ctx.dropout > 0 else None
+
+    def body(carry: list[Any]) -> list[Any]:
+        step, *rest = carry  # a step counter, so that every iteration draws its own dropout mask
+        child = ctx.child(None if site_key is None else jax.random.fold_in(site_key, step))
+        return [step + 1, *_eval(bj.jaxpr, bj.consts, [*bconsts, *rest], child)]
+
+    def cond(carry: list[Any]) -> jax.Array:
+        return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry[1:]], ctx.child(None))[0]
+
+    return list(lax.while_loop(cond, body, [jnp.int32(0), *init])[1:])
 
 
 _HIGHER_ORDER = {"remat2": _remat, "checkpoint": _remat, "scan": _scan, "cond": _cond, "while": _while}

@@ -52,27 +52,23 @@ class Pending:
 # --------------------------------------------------------------------------- layout rules
 
 
-def _bind(prim: Any, *args: Any, **params: Any) -> Any:
-    return prim.bind(*args, **params)
-
-
 def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, Any]) -> LazyKernel | None:
     """Apply a layout primitive to ``lk``; ``None`` if ``prim`` is not one (or not followable)."""
     name = prim.name
     if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"):
-        return lk.replace(w=_bind(prim, lk.w, **params))
+        return lk.replace(w=prim.bind(lk.w, **params))
     if name == "transpose":
-        return lz.transpose(lk, tuple(params["permutation"]), _bind(prim, lk.w, **params))
+        return lz.transpose(lk, tuple(params["permutation"]), prim.bind(lk.w, **params))
     if name == "reshape":
         if params.get("dimensions") is not None:
             return None
-        return lz.reshape(lk, tuple(params["new_sizes"]), _bind(prim, lk.w, **params), name)
+        return lz.reshape(lk, tuple(params["new_sizes"]), prim.bind(lk.w, **params), name)
     if name == "squeeze":
-        return lz.squeeze(lk, tuple(params["dimensions"]), _bind(prim, lk.w, **params))
+        return lz.squeeze(lk, tuple(params["dimensions"]), prim.bind(lk.w, **params))
     if name == "broadcast_in_dim":
         if rest:  # dynamic shapes
             return None
-        new_w = _bind(prim, lk.w, **params)
+        new_w = prim.bind(lk.w, **params)
         return lz.broadcast_in_dim(lk, tuple(params["shape"]), tuple(params["broadcast_dimensions"]), new_w)
     if name == "slice":
         strides = params.get("strides")
@@ -80,11 +76,11 @@ def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, An
             return None
         starts = list(params["start_indices"])
         sizes = [hi - lo for lo, hi in zip(params["start_indices"], params["limit_indices"], strict=True)]
-        return lz.slice_axes(lk, starts, sizes, _bind(prim, lk.w, **params))
+        return lz.slice_axes(lk, starts, sizes, prim.bind(lk.w, **params))
     if name == "dynamic_slice":
         if any(isinstance(r, LazyKernel) for r in rest):
             return None
-        new_w = _bind(prim, lk.w, *rest, **params)
+        new_w = prim.bind(lk.w, *rest, **params)
         # clamp like dynamic_slice does, so the factors are sliced at the same offsets
         starts = [jnp.clip(s, 0, n - size) for s, n, size in zip(rest, lk.shape, params["slice_sizes"], strict=True)]
         return lz.slice_axes(lk, starts, list(params["slice_sizes"]), new_w)

@@ -41,20 +41,20 @@ from lora_jax import _layout
 from lora_jax._adapters import Trainable
 from lora_jax._apply import adapter_items
 from lora_jax._peft_names import (
+    CONFIG,
     EMBED_A,
     EMBED_B,
     LORA_A,
     LORA_B,
     PREFIX,
+    WEIGHTS,
     NameMap,
     expand,
     export_pattern_key,
     module_name,
 )
 from lora_jax._spec import LoraSpec
-from lora_jax._targets import _first
-
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+from lora_jax._targets import _first, selector_matches
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -72,8 +72,6 @@ def _is_conv(conv: Any, path: str, layout: str) -> bool:
         return core == "iiio"
     if conv is None:
         return False
-    from lora_jax._targets import selector_matches
-
     if selector_matches(conv, path, None):
         if core != "i" * (len(core) - 1) + "o" or len(core) < 3:
             raise ValueError(

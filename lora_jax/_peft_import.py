@@ -27,21 +27,22 @@ from lora_jax import _layout
 from lora_jax._adapters import LoraWeights, Trainable
 from lora_jax._paths import flatten_with_paths, nest
 from lora_jax._peft_names import (
+    CONFIG,
     EMBED_A,
     EMBED_B,
     LORA_A,
     LORA_B,
     LORA_PARTS,
     PREFIX,
+    WEIGHTS,
     NameMap,
     expand,
     module_name,
     pattern_key,
 )
-from lora_jax._spec import LoraSpec
+from lora_jax._spec import LoraSpec, lora_scale
 from lora_jax._targets import _first
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _KERNEL_KEYS = ("kernel", "embedding", "weight")
 
 
@@ -151,6 +152,12 @@ def _full_value(p: str, leaf_shape: tuple, value: np.ndarray, axes: Any) -> np.n
             ins, outs = _layout.axes_of(layout, "i"), _layout.axes_of(layout, "o")
             dims = [leaf_shape[k] for k in (*ins, *outs)]
             return value.T.reshape(dims).transpose(np.argsort([*ins, *outs]))
+        if len(leaf_shape) > 2:
+            raise ValueError(
+                f"{p}: a {len(leaf_shape)}-axis kernel of shape {tuple(leaf_shape)} is saved in full as PEFT's 2-D "
+                f"{tuple(value.shape)} weight; which kernel axes are its inputs is ambiguous. Pass its layout, "
+                f"e.g. import_peft(..., axes={{{p!r}: 'ioo'}})."
+            )
     return value.reshape(leaf_shape)
 
 
@@ -296,7 +303,7 @@ def import_peft(
         kinds = {g[2] for g in got.values()}
         a = np.stack([g[0] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][0].shape)
         b = np.stack([g[1] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][1].shape)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        scale = lora_scale(r, alpha, rslora=rslora)
         out[p] = LoraWeights(jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop())
         used.update(names.values())
         ranks[p], alphas[p], layouts[p] = r, alpha, layout

@@ -20,6 +20,7 @@ from typing import Any, Union
 NameMap = Union[Callable[[str], str], Mapping[str, str], None]
 
 PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's two files
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
 EMBED_A, EMBED_B = "lora_embedding_A", "lora_embedding_B"
 LORA_PARTS = (LORA_A, LORA_B, EMBED_A, EMBED_B)

@@ -326,7 +326,9 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
             (_key_strs(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(lora)[0]),
             zip(
                 jax.tree_util.tree_leaves(lora),
-                jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: isinstance(s, (Sharding, PartitionSpec))),
+                jax.tree_util.tree_leaves(  # None (no constraint, as adapter_shardings gives it) stays a leaf
+                    shardings, is_leaf=lambda s: s is None or isinstance(s, (Sharding, PartitionSpec))
+                ),
                 strict=True,
             ),
             strict=True,
@@ -345,7 +347,7 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
         for start in range(len(keys)):
             match = arrays.get(keys[start:])
             if match is not None and tuple(match[0].shape) == tuple(leaf.shape):
-                return match[1]
+                return replicated if match[1] is None else match[1]
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, lora))

@@ -42,6 +42,15 @@ def _freeze_mapping(name: str, value: Any, check: Callable[[str, Any], None]) ->
     return items
 
 
+def lora_scale(rank: int, alpha: float, *, rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilized LoRA.
+
+    >>> lora_scale(4, 8.0, rslora=False), lora_scale(4, 8.0, rslora=True)
+    (2.0, 4.0)
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """Which kernels get a low-rank adapter, and how.
@@ -121,7 +130,7 @@ class LoraSpec:
                 raise ValueError(f"LoraSpec(rank_pattern={{{key!r}: ...}}) must be a positive integer; found {v!r}.")
 
         def check_alpha(key, v):
-            if not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"LoraSpec(alpha_pattern={{{key!r}: ...}}) must be a positive number; found {v!r}.")
 
         def check_axes(key, v):
@@ -161,7 +170,7 @@ class LoraSpec:
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """The update scale for one kernel: ``alpha/r``, or ``alpha/sqrt(r)`` with rslora."""
-        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+        return lora_scale(rank, alpha, rslora=self.rslora)
 
     def replace(self, **changes: Any) -> LoraSpec:
         """A copy with some fields changed (validated again).

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _layout
-from lora_jax._paths import flatten_with_paths
+from lora_jax._paths import flatten_with_paths, map_with_paths
 from lora_jax._spec import LoraSpec
 
 LORA, FROZEN, TRAINABLE = "lora", "frozen", "trainable"
@@ -257,7 +257,5 @@ def partition(params: Any, spec: LoraSpec) -> Any:
       ...     {"trainable": optax.adam(1e-3), "lora": optax.set_to_zero(), "frozen": optax.set_to_zero()},
       ...     labels)
     """
-    from lora_jax._paths import map_with_paths
-
     targets, trainable = resolve(params, spec)
     return map_with_paths(lambda p, _: LORA if p in targets else TRAINABLE if p in trainable else FROZEN, params)

@@ -111,3 +111,35 @@ def test_lora_dropout_inside_scan_draws_a_mask_per_step():
         mask = np.asarray(jax.random.bernoulli(step_key, 1 - p, h.shape), np.float64)
         h = h @ f64(w[i]) + 0.5 * ((mask * h / (1 - p)) @ f64(node.a[i])) @ f64(node.b[i])
     np.testing.assert_allclose(np.asarray(out), h, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_dropout_inside_while_loop_draws_a_mask_per_iteration():
+    node = LoraWeights(a=_rand(9, (5, 2)), b=_rand(10, (2, 4)), scale=1.0, layout="io")
+    w = _rand(11, (5, 4))
+    x = _rand(12, (1, 5))
+
+    def fn(prm, x):
+        def body(c):
+            i, rows = c
+            return i + 1, rows.at[i].set((x @ prm["k"])[0])
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, jnp.zeros((3, 4))))[1]
+
+    out = factored(fn, dropout=0.5)({"k": w}, {"k": node}, x, dropout_rng=jax.random.key(5))
+    assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])  # one mask per iteration
+    plain = factored(fn)({"k": w}, {"k": node}, x)
+    np.testing.assert_allclose(plain, fn({"k": node.apply_to(w)}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_inside_cond_does_not_reuse_the_mask_of_an_earlier_use():
+    node = LoraWeights(a=_rand(13, (5, 2)), b=_rand(14, (2, 4)), scale=1.0, layout="io")
+    w = _rand(15, (5, 4))
+    x = _rand(16, (1, 5))
+
+    def fn(prm, x):
+        first = x @ prm["k"]
+        second = jax.lax.cond(True, lambda: x @ prm["k"], lambda: 2.0 * (x @ prm["k"]))
+        return jnp.stack([first, second])
+
+    out = factored(fn, dropout=0.5)({"k": w}, {"k": node}, x, dropout_rng=jax.random.key(6))
+    assert not np.allclose(out[0], out[1])  # two uses, two independent masks

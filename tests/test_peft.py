@@ -280,3 +280,14 @@ def test_a_callable_name_map_gives_the_same_files_as_the_dict(trained, tmp_path)
     by_callable = lora_jax.export_peft(tmp_path / "c", trained, SPEC, name_map=name_of)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (by_dict / name).read_bytes() == (by_callable / name).read_bytes()
+
+
+def test_import_of_a_multi_axis_kernel_trained_in_full_needs_its_layout(tmp_path):
+    params = {"q": {"kernel": jnp.arange(24.0).reshape(4, 2, 3)}, "mlp": {"kernel": jnp.ones((4, 4))}}
+    spec = lora_jax.LoraSpec(rank=2, targets=["mlp"], trainable=["q"], axes={"q": "ioo"})
+    lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+    lora_jax.export_peft(tmp_path / "peft", lora, spec)
+    with pytest.raises(ValueError, match=r"q/kernel: a 3-axis kernel of shape \(4, 2, 3\) is saved in full"):
+        lora_jax.import_peft(tmp_path / "peft", params)
+    back, _ = lora_jax.import_peft(tmp_path / "peft", params, axes={"q": "ioo"})
+    np.testing.assert_array_equal(back["q"]["kernel"].value, params["q"]["kernel"])

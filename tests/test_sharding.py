@@ -194,3 +194,17 @@ def test_shard_map_data_parallel_loop_equals_single_device(eight_device_run):
 
 def test_orbax_restore_onto_other_mesh_shapes(eight_device_run):
     _check(eight_device_run, "orbax")
+
+
+def test_optimizer_shardings_accepts_unconstrained_adapters():
+    mesh = jax.make_mesh((1,), ("model",))
+    params = {n: {"kernel": jax.ShapeDtypeStruct((8, 32), jnp.float32)} for n in ("a", "b")}
+    specs = {"a": {"kernel": P(None, "model")}, "b": {"kernel": None}}  # "b" has no placement
+    spec = LoraSpec(rank=4)
+    lora = lora_jax.init_lora_sharded(jax.random.key(0), params, spec, shardings=specs, mesh=mesh)
+    derived = lora_jax.adapter_shardings(specs, lora, mesh=mesh)
+    state = jax.jit(
+        optax.adam(1e-3).init, out_shardings=lora_jax.optimizer_shardings(optax.adam(1e-3), lora, shardings=derived)
+    )(lora)
+    assert state[0].mu["a"]["kernel"].b.sharding.spec == P(None, "model")
+    assert state[0].mu["b"]["kernel"].b.sharding.spec == P()
