@@ -30,6 +30,7 @@ import numpy as np
 
 from lora_jax._adapters import LoraWeights, Trainable
 from lora_jax._apply import adapter_items
+from lora_jax._files import replace_dir, sync_processes
 from lora_jax._paths import flatten_with_paths, nest
 from lora_jax._spec import LoraSpec
 from lora_jax._spec_json import _SPEC_FIELDS, spec_from_json, spec_to_json
@@ -164,24 +165,13 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
     if tmp != path:
         if jax.process_index() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed overwrite
-        _sync(f"lora_jax.save_adapter.clean:{path}")
+        sync_processes(f"lora_jax.save_adapter.clean:{path}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
         ckpt.save(tmp, args=args)
     if tmp != path and jax.process_index() == 0:
-        old = path.with_name(path.name + ".lora_jax-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    _sync(f"lora_jax.save_adapter:{path}")
+        replace_dir(tmp, path, old=path.with_name(path.name + ".lora_jax-old"))
+    sync_processes(f"lora_jax.save_adapter:{path}")
     return path
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------- loading

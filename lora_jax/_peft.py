@@ -40,6 +40,7 @@ import numpy as np
 from lora_jax import _layout
 from lora_jax._adapters import Trainable
 from lora_jax._apply import adapter_items
+from lora_jax._files import replace_dir, sync_processes
 from lora_jax._peft_names import (
     CONFIG,
     EMBED_A,
@@ -179,10 +180,7 @@ def export_peft(
 
     path = pathlib.Path(path).absolute()
     exists = path.exists()
-    if jax.process_count() > 1:  # every process checks before process 0 may write
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"lora_jax.export_peft.check:{path}")
+    sync_processes(f"lora_jax.export_peft.check:{path}")  # every process checks before process 0 may write
     if exists and not overwrite:
         raise FileExistsError(f"{path} already exists; pass export_peft(..., overwrite=True) to replace it.")
     tensors: dict[str, np.ndarray] = {}
@@ -253,17 +251,8 @@ def export_peft(
         try:
             save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if path.exists():
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, old / "x")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            replace_dir(tmp, path, old=tmp.with_name(tmp.name + ".old"))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"lora_jax.export_peft:{path}")
+    sync_processes(f"lora_jax.export_peft:{path}")
     return path
