@@ -196,20 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "orbax_bytes": _dir_bytes(ckpt),
             "peft_bytes": _dir_bytes(peft_dir),
         },
-        "pretrain": {
-            "steps": args.pretrain_steps,
-            "seconds": pre.seconds,
-            "steps_per_second": pre.steps_per_second,
-            "first_loss": float(pre.losses[0]),
-            "last_loss": float(pre.losses[-1]),
-        },
-        "finetune": {
-            "steps": args.finetune_steps,
-            "seconds": ft.seconds,
-            "steps_per_second": ft.steps_per_second,
-            "first_loss": float(ft.losses[0]),
-            "last_loss": float(ft.losses[-1]),
-        },
+        "pretrain": _run_record(args.pretrain_steps, pre),
+        "finetune": _run_record(args.finetune_steps, ft),
         "accuracy": {
             "base_before": base_before,
             "base_after": base_after,
@@ -255,3 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ok = all(results["checks"].values()) and not math.isnan(results["finetune"]["last_loss"])
     return 0 if ok else 1
+
+
+def _run_record(steps: int, run: Any) -> dict[str, float]:
+    """One training run (pretrain or fine-tune) as it appears in results.json."""
+    return {
+        "steps": steps,
+        "seconds": run.seconds,
+        "steps_per_second": run.steps_per_second,
+        "first_loss": float(run.losses[0]),
+        "last_loss": float(run.losses[-1]),
+    }
