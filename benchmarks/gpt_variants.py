@@ -5,6 +5,8 @@
   limit for factored LoRA on this machine.
 * :class:`NnxGPT`: the same decoder built from flax ``nnx.LoRALinear`` (the
   peer): q/k/v/o as ``(d, d)`` LoRALinear layers reshaped into heads.
+* :class:`PlainNnxGPT`: the peer's model with plain ``nnx.Linear`` layers, so that
+  ``lora_jax.factored`` can be compared with the peer on the same kernels.
 """
 
 from __future__ import annotations
@@ -99,3 +101,26 @@ class NnxGPT(nnx.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.ln_final(x)).astype(jnp.float32)
+
+
+class PlainNnxBlock(NnxBlock):
+    """:class:`NnxBlock` with plain ``nnx.Linear`` layers (no adapters)."""
+
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        lin = lambda i, o: nnx.Linear(i, o, rngs=rngs)  # noqa: E731
+        self.cfg = cfg
+        self.ln_attn, self.ln_mlp = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.query, self.key, self.value, self.out = lin(d, d), lin(d, d), lin(d, d), lin(d, d)
+        self.mlp_in, self.mlp_out = lin(d, cfg.d_ff), lin(cfg.d_ff, d)
+
+
+class PlainNnxGPT(NnxGPT):
+    """:class:`NnxGPT` with plain ``nnx.Linear`` layers: the peer's model for ``lora_jax.factored``."""
+
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.tok_embed = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
+        self.layers = nnx.List([PlainNnxBlock(cfg, rngs) for _ in range(cfg.layers)])
+        self.ln_final = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab, rngs=rngs)
