@@ -22,9 +22,9 @@ def _rand_like(tree, seed=0):
     return treedef.unflatten([jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
 
 
-def _gpt(scan: bool, trainable=("lm_head",)):
+def _gpt(scan: bool, trainable=("lm_head",), **switches):
     # sizes chosen so that no activation has the shape of a kernel
-    cfg = GPTConfig(vocab=56, d_model=24, heads=3, layers=2 if scan else 1, d_ff=40, max_len=10, scan=scan)
+    cfg = GPTConfig(vocab=56, d_model=24, heads=3, layers=2 if scan else 1, d_ff=40, max_len=10, scan=scan, **switches)
     model = GPT(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (2, cfg.max_len)), jnp.int32)
     params = _rand_like(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
@@ -45,9 +45,13 @@ def _rel_err(x, y):
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12))
 
 
+MEMORY_SWITCHES = {"remat": True, "attention_chunk": 5}  # nn.remat blocks + checkpointed lax.map attention
+
+
+@pytest.mark.parametrize("switches", [{}, MEMORY_SWITCHES], ids=["plain", "remat+chunked"])
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
-def test_gpt_loss_and_grads_match_apply_lora(scan):
-    model, params, lora, tokens = _gpt(scan)
+def test_gpt_loss_and_grads_match_apply_lora(scan, switches):
+    model, params, lora, tokens = _gpt(scan, **switches)
     ref, fac = _losses(model, params, tokens)
     (v_ref, g_ref), (v_fac, g_fac) = jax.jit(lambda lo: (jax.value_and_grad(ref)(lo), jax.value_and_grad(fac)(lo)))(
         lora
@@ -73,10 +77,11 @@ def _eqn_shapes(jaxpr, out):
     return out
 
 
+@pytest.mark.parametrize("switches", [{}, MEMORY_SWITCHES], ids=["plain", "remat+chunked"])
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
-def test_factored_training_step_has_no_kernel_sized_values(scan):
+def test_factored_training_step_has_no_kernel_sized_values(scan, switches):
     """No value of a kernel's shape (e.g. W + BA, or its gradient) is computed; apply_lora computes many."""
-    model, params, lora, tokens = _gpt(scan, trainable=())  # lm_head's gradient is shaped like tok_embed.T
+    model, params, lora, tokens = _gpt(scan, trainable=(), **switches)  # lm_head's gradient is shaped like tok_embed.T
     shapes = set()
     for path, node in lora_jax.adapter_items(lora).items():
         if isinstance(node, lora_jax.LoraWeights):
