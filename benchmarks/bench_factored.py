@@ -15,7 +15,18 @@ outputs - aliased + temporaries), compile time and the FLOP count ratio from
 ``compiled.cost_analysis()``.
 
     python benchmarks/bench_factored.py                       # issue config: 4 x d512, 1024 tokens, vocab 2048
+    python benchmarks/bench_factored.py --remat --attention-chunk 128 --xla-cpu-scheduler memory
     python benchmarks/bench_factored.py --layers 1 --d-model 32 --seq 16 --vocab 64 --steps 1
+
+Memory switches (they apply to every row alike, and change no result):
+``--remat`` recomputes each block in the backward pass (gradient checkpointing),
+``--attention-chunk`` computes causal attention that many queries at a time
+(``lora_jax.models.gpt.causal_attention``), and ``--xla-cpu-scheduler memory``
+turns off XLA:CPU's concurrency-optimized scheduler, which otherwise orders
+the recomputation so early that checkpointing saves little on CPU. At 1024
+tokens saved activations (the ``(heads, T, T)`` attention matrices) outweigh
+parameters and optimizer state; these switches are how long-sequence
+fine-tuning is run, and they expose what LoRA itself saves.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax._src import xla_bridge
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +200,21 @@ def table(rows: list[Row]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), {k: v for k, (v, _) in checks.items()}
 
 
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _use_memory_scheduler() -> None:
+    """Add the XLA:CPU memory-scheduler flag to XLA_FLAGS; XLA reads it when the backend starts."""
+    if MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(
+            "--xla-cpu-scheduler memory: JAX's backend is already initialized in this process, so XLA_FLAGS can no "
+            f"longer change. Hint: run the script in a fresh process, or set XLA_FLAGS={MEMORY_SCHEDULER_FLAG} first."
+        )
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_SCHEDULER_FLAG}".strip()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -202,7 +229,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--steps", type=int, default=7, help="timed repetitions per row")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma-separated subset of {','.join(ROW_KEYS)}")
+    ap.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (all rows)")
+    ap.add_argument("--attention-chunk", type=int, default=None, help="queries per causal-attention block")
+    ap.add_argument(
+        "--xla-cpu-scheduler",
+        choices=("concurrency", "memory"),
+        default="concurrency",
+        help="XLA:CPU's default concurrency-optimized scheduler, or the memory-minimizing one",
+    )
     a = ap.parse_args(argv)
+    if a.xla_cpu_scheduler == "memory":
+        _use_memory_scheduler()
     cfg = GPTConfig(
         vocab=a.vocab,
         d_model=a.d_model,
@@ -211,8 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         d_ff=a.d_ff or 4 * a.d_model,
         max_len=a.seq,
         dtype=a.dtype,
+        remat=a.remat,
+        attention_chunk=a.attention_chunk,
     )
     print(f"# {cfg}, batch={a.batch}, rank={a.rank}, backend={jax.default_backend()}, devices={jax.devices()}")
+    print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     keys = tuple(a.rows.split(","))
     unknown = set(keys) - set(ROW_KEYS)
     if unknown:

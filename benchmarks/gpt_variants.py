@@ -7,6 +7,10 @@
   peer): q/k/v/o as ``(d, d)`` LoRALinear layers reshaped into heads.
 * :class:`PlainNnxGPT`: the peer's model with plain ``nnx.Linear`` layers, so that
   ``lora_jax.factored`` can be compared with the peer on the same kernels.
+
+All three follow ``GPTConfig.remat`` (each block recomputed in the backward
+pass by ``jax.checkpoint``) and ``GPTConfig.attention_chunk``
+(the same :func:`lora_jax.models.gpt.causal_attention` as the linen model).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.models.gpt import GPTConfig
+from lora_jax.models.gpt import GPTConfig, causal_attention
 
 _EQ = {"query": "btd,dhk->bthk", "key": "btd,dhk->bthk", "value": "btd,dhk->bthk", "out": "bthk,hkd->btd"}
 _EQ.update({"mlp_in": "btd,df->btf", "mlp_out": "btf,fd->btd"})
@@ -39,24 +43,23 @@ def _layernorm(p: dict, x: jax.Array) -> jax.Array:
     return nn.LayerNorm().apply({"params": p}, x)
 
 
+def _handwritten_block(p: dict, lo: dict, x: jax.Array, cfg: GPTConfig) -> jax.Array:
+    node = lambda name: lo.get(name, {}).get("kernel")  # noqa: E731
+    h = _layernorm(p["ln_attn"], x)
+    q, k, v = (_lora_einsum(_EQ[n], h, p[n], node(n)) for n in ("query", "key", "value"))
+    ctx = causal_attention(q, k, v, chunk=cfg.attention_chunk)
+    x = x + _lora_einsum(_EQ["out"], ctx, p["out"], node("out"))
+    h = _layernorm(p["ln_mlp"], x)
+    h = nn.gelu(_lora_einsum(_EQ["mlp_in"], h, p["mlp_in"], node("mlp_in")))
+    return x + _lora_einsum(_EQ["mlp_out"], h, p["mlp_out"], node("mlp_out"))
+
+
 def handwritten_forward(params: dict, lora: dict, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
     """Logits of the linen GPT (``scan=False``) with factored adapters written out by hand."""
     x = params["tok_embed"]["embedding"][tokens] + params["pos_embed"]["embedding"][: tokens.shape[-1]]
-    t = tokens.shape[-1]
-    mask = jnp.tril(jnp.ones((t, t), bool))
+    block = jax.checkpoint(_handwritten_block, static_argnums=3) if cfg.remat else _handwritten_block
     for i in range(cfg.layers):
-        p, lo = params[f"layers_{i}"], lora.get(f"layers_{i}", {})
-        node = lambda name, lo=lo: lo.get(name, {}).get("kernel")  # noqa: E731
-        h = _layernorm(p["ln_attn"], x)
-        q, k, v = (_lora_einsum(_EQ[n], h, p[n], node(n)) for n in ("query", "key", "value"))
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
-        logits = jnp.where(mask, logits, jnp.finfo(x.dtype).min)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        ctx = jnp.einsum("...hqk,...khd->...qhd", attn, v)
-        x = x + _lora_einsum(_EQ["out"], ctx, p["out"], node("out"))
-        h = _layernorm(p["ln_mlp"], x)
-        h = nn.gelu(_lora_einsum(_EQ["mlp_in"], h, p["mlp_in"], node("mlp_in")))
-        x = x + _lora_einsum(_EQ["mlp_out"], h, p["mlp_out"], node("mlp_out"))
+        x = block(params[f"layers_{i}"], lora.get(f"layers_{i}", {}), x, cfg)
     x = _layernorm(params["ln_final"], x)
     return (x @ params["lm_head"]["kernel"] + params["lm_head"]["bias"]).astype(jnp.float32)
 
@@ -77,13 +80,15 @@ class NnxBlock(nnx.Module):
         heads = lambda y: y.reshape(*y.shape[:-1], cfg.heads, cfg.head_dim)  # noqa: E731
         h = self.ln_attn(x)
         q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-        t = x.shape[-2]
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
-        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(x.dtype).min)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        ctx = jnp.einsum("...hqk,...khd->...qhd", attn, v)
+        ctx = causal_attention(q, k, v, chunk=cfg.attention_chunk)
         x = x + self.out(ctx.reshape(*ctx.shape[:-2], -1))
         return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_mlp(x))))
+
+
+def _remat_call(layer: nnx.Module, x: jax.Array) -> jax.Array:
+    """``layer(x)`` recomputed in the backward pass (the block's state is passed in, not closed over)."""
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda s, y: nnx.merge(graphdef, s)(y))(state, x)
 
 
 class NnxGPT(nnx.Module):
@@ -99,7 +104,7 @@ class NnxGPT(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[-1]))
         for layer in self.layers:
-            x = layer(x)
+            x = _remat_call(layer, x) if layer.cfg.remat else layer(x)
         return self.lm_head(self.ln_final(x)).astype(jnp.float32)
 
 
