@@ -9,10 +9,12 @@ mirrored on the factors (:mod:`lora_jax._factored_rules`); ``dot_general``,
 ``conv_general_dilated`` and ``gather`` consume it as ``x·W + s·(x·A)·B``;
 ``jit``, ``remat``, ``scan`` (flax ``nn.scan`` slices the stacked kernels:
 the factors are sliced along the same axis), ``cond`` and ``while`` are
-followed into their bodies; a ``custom_jvp``/``custom_vjp`` function that
-receives a kernel is inlined (autodiff then goes through its primal body, not
-its custom rule). Equations that touch no adapted kernel are re-bound
-unchanged. Every other primitive that meets a kernel raises :class:`FactoredError` naming the primitive and the
+followed into their bodies. A ``custom_jvp``/``custom_vjp`` function that
+receives a kernel is not inlined: its custom rule is written for the formed
+kernel (a straight-through estimator differentiated through its primal body
+would give zero gradients), so it raises like any unhandled primitive, and with
+``materialize=`` it runs, custom rule included, on ``W + BA`` for that leaf.
+Equations that touch no adapted kernel are re-bound unchanged. Every other primitive that meets a kernel raises :class:`FactoredError` naming the primitive and the
 parameter path, unless that path was opted in with ``materialize=`` (then
 ``W + BA`` is formed for that leaf only and reported). ``W`` goes through
 ``stop_gradient``, so no kernel-sized weight gradient is ever computed.
@@ -50,7 +52,7 @@ from lora_jax._factored_lazy import FactoredError, LazyKernel
 from lora_jax._paths import path_str
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
-_INLINE.update({"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"})
+_CUSTOM_RULE = {"custom_jvp_call": "jax.custom_jvp", "custom_vjp_call": "jax.custom_vjp"}
 
 
 @dataclasses.dataclass
@@ -181,7 +183,12 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
         for x in lazy:
             ctx.record(x.path, name)
         return [out]
-    concrete = [_materialize_or_raise(x, name, ctx) for x in invals]
+    where = (
+        f"{name} (a {_CUSTOM_RULE[name]} function, whose rule needs the formed kernel)"
+        if name in _CUSTOM_RULE
+        else name
+    )
+    concrete = [_materialize_or_raise(x, where, ctx) for x in invals]
     ans = prim.bind(*concrete, **prim.get_bind_params(params))
     return ans if prim.multiple_results else [ans]
 
@@ -272,9 +279,28 @@ class Factored:
 
     def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, dropout: float):
         self.fn, self.materialize, self.on_materialize, self.dropout = fn, materialize, on_materialize, dropout
+        # eager calls go through one jit per Factored: traced and compiled once per shapes and static arguments
+        self._compiled = jax.jit(self._call_with_static, static_argnums=4)
 
     def __call__(self, params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """``fn(apply_lora(params, lora), *args, **kwargs)``, computed factored (see :func:`factored`)."""
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, lora, args, kwargs, dropout_rng))):
+            leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+            static = (treedef, tuple((i, x) for i, x in enumerate(leaves) if not _is_dynamic(x)))
+            try:
+                hash(static)
+            except TypeError:  # an unhashable non-array argument: trace and run op by op
+                return self._run(params, lora, args, kwargs, dropout_rng, {})
+            dynamic = [x for x in leaves if _is_dynamic(x)]
+            return self._compiled(params, lora, dynamic, dropout_rng, static)
+        return self._run(params, lora, args, kwargs, dropout_rng, {})
+
+    def _call_with_static(self, params: Any, lora: Any, dynamic: list, dropout_rng: Any, static: tuple) -> Any:
+        treedef, fixed = static
+        leaves, it, fixed = [], iter(dynamic), dict(fixed)
+        for i in range(treedef.num_leaves):
+            leaves.append(fixed[i] if i in fixed else next(it))
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
         return self._run(params, lora, args, kwargs, dropout_rng, {})
 
     def explain(self, params: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, tuple[str, ...]]:
@@ -336,7 +362,11 @@ def factored(
     model.apply({"params": p}, x)``) and NNX (``graphdef, state =
     nnx.split(model)``; ``fn = lambda s, x: nnx.merge(graphdef, s)(x)``).
     Array arguments are traced; other arguments (flags, Python numbers) are
-    passed to ``fn`` as they are. Call it under ``jax.jit``: each call traces ``fn``.
+    passed to ``fn`` as they are. Called outside any transformation, the
+    wrapper compiles itself with ``jax.jit`` (once per shapes, dtypes and
+    non-array arguments, which must then be hashable; else it runs op by op),
+    so ``fn``'s Python code and ``on_materialize`` run at trace time only, as
+    under ``jit``.
 
     Args:
       fn: the model function; its first argument is the parameter pytree.

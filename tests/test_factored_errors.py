@@ -143,3 +143,48 @@ def test_lora_dropout_inside_cond_does_not_reuse_the_mask_of_an_earlier_use():
 
     out = factored(fn, dropout=0.5)({"k": w}, {"k": node}, x, dropout_rng=jax.random.key(6))
     assert not np.allclose(out[0], out[1])  # two uses, two independent masks
+
+
+@jax.custom_vjp
+def _ste_round(w):
+    """Round to a 1/8 grid in the forward pass; straight-through (identity) gradient."""
+    return jnp.round(w * 8.0) / 8.0
+
+
+_ste_round.defvjp(lambda w: (_ste_round(w), None), lambda _, g: (g,))
+
+
+def _quantized_model(p, x):
+    return jnp.sum(jnp.tanh(x @ _ste_round(p["dense"]["kernel"])))
+
+
+def _ste_case():
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}}
+    spec = lora_jax.LoraSpec(rank=2, targets=["dense"], init="random")
+    lora = lora_jax.init_lora(jax.random.key(1), params, spec)
+    return params, lora, jax.random.normal(jax.random.key(2), (3, 6))
+
+
+def test_kernel_reaching_a_custom_vjp_function_raises_naming_it_and_the_path():
+    params, lora, x = _ste_case()
+    with pytest.raises(lora_jax.FactoredError, match=r"dense/kernel: .*custom_vjp_call \(a jax.custom_vjp function"):
+        lora_jax.factored(_quantized_model)(params, lora, x)
+
+
+def test_materialized_custom_vjp_keeps_its_custom_gradient_rule():
+    params, lora, x = _ste_case()
+    seen = []
+    fac = lora_jax.factored(_quantized_model, materialize=["dense/kernel"], on_materialize=lambda *a: seen.append(a))
+    got = jax.grad(lambda lo: fac(params, lo, x))(lora)
+    want = jax.grad(lambda lo: _quantized_model(lora_jax.apply_lora(params, lo), x))(lora)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(jax.tree.leaves(got)[0]).max()) > 0  # the straight-through gradient, not round's zero
+    assert seen and seen[0][0] == "dense/kernel" and "custom_vjp_call" in seen[0][1]
+
+
+def test_kernel_reaching_a_custom_jvp_function_raises_naming_it():
+    params, lora, x = _ste_case()
+    relu_kernel = lambda p, x: x @ jax.nn.relu(p["dense"]["kernel"])  # noqa: E731  (jax.nn.relu is a custom_jvp)
+    with pytest.raises(lora_jax.FactoredError, match=r"dense/kernel: .*custom_jvp_call \(a jax.custom_jvp function"):
+        lora_jax.factored(relu_kernel)(params, lora, x)

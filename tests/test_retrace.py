@@ -67,3 +67,41 @@ def test_repeated_merge_and_unmerge_compile_once(caplog):
     assert any("Finished tracing" in r.getMessage() for r in caplog.records)  # the log is captured
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiles == []
+
+
+def test_eager_factored_calls_trace_the_model_once_per_shape():
+    from lora_jax import factored
+
+    calls = []
+
+    def model(p, x, *, flag):
+        y = jnp.einsum("td,dhk->thk", x, p["enc"]["query"]["kernel"]).reshape(x.shape[0], -1) @ jnp.ones((8, 3))
+        return y + (x @ p["enc"]["mlp"]["kernel"]).sum() if flag else y
+
+    def counted(p, x, *, flag):
+        calls.append(flag)  # Python code of the model: runs only while tracing
+        return model(p, x, flag=flag)
+
+    fac = factored(counted)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8)), jnp.float32)
+    for seed in (1, 2, 3):
+        lora = adapters(seed)
+        want = model(apply_lora(PARAMS, lora), x, flag=True)
+        np.testing.assert_allclose(fac(PARAMS, lora, x, flag=True), want, rtol=1e-5, atol=1e-5)
+    assert calls == [True]  # one trace for three adapters
+    fac(PARAMS, adapters(1), x, flag=False)  # a new static argument traces again
+    fac(PARAMS, adapters(1), x[:4], flag=False)  # so does a new shape
+    assert calls == [True, False, False]
+
+
+def test_eager_factored_call_with_an_unhashable_argument_runs_op_by_op():
+    from lora_jax import factored
+
+    class Options:  # not a pytree and not hashable: cannot be a static argument of jit
+        __hash__ = None
+        gain = 2.0
+
+    model = lambda p, x, opts: x @ p["enc"]["mlp"]["kernel"] * opts.gain  # noqa: E731
+    x = jnp.ones((2, 8))
+    got = factored(model)(PARAMS, adapters(1), x, Options())
+    np.testing.assert_allclose(got, model(apply_lora(PARAMS, adapters(1)), x, Options()), rtol=1e-6)
