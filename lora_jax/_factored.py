@@ -14,8 +14,9 @@ receives a kernel is not inlined: its custom rule is written for the formed
 kernel (a straight-through estimator differentiated through its primal body
 would give zero gradients), so it raises like any unhandled primitive, and with
 ``materialize=`` it runs, custom rule included, on ``W + BA`` for that leaf.
-Equations that touch no adapted kernel are re-bound unchanged. Every other primitive that meets a kernel raises :class:`FactoredError` naming the primitive and the
-parameter path, unless that path was opted in with ``materialize=`` (then
+Equations that touch no adapted kernel are re-bound unchanged. Every other
+primitive that meets a kernel raises :class:`FactoredError` naming the
+primitive and the parameter path, unless that path was opted in with ``materialize=`` (then
 ``W + BA`` is formed for that leaf only and reported). ``W`` goes through
 ``stop_gradient``, so no kernel-sized weight gradient is ever computed.
 
@@ -274,6 +275,22 @@ def _is_dynamic(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _split_args(args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """``(static, dynamic)``: the arrays among the arguments' leaves, and the rest with the tree structure."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    fixed = tuple((i, x) for i, x in enumerate(leaves) if not _is_dynamic(x))
+    return (treedef, fixed), [x for x in leaves if _is_dynamic(x)]
+
+
+def _join_args(static: tuple, dynamic: list) -> tuple[tuple, dict]:
+    """The inverse of :func:`_split_args`: ``(args, kwargs)``."""
+    treedef, fixed = static
+    fixed, it = dict(fixed), iter(dynamic)
+    return jax.tree_util.tree_unflatten(
+        treedef, [fixed[i] if i in fixed else next(it) for i in range(treedef.num_leaves)]
+    )
+
+
 class Factored:
     """The function returned by :func:`factored`; call it, or ``.explain(...)`` it."""
 
@@ -285,22 +302,16 @@ class Factored:
     def __call__(self, params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """``fn(apply_lora(params, lora), *args, **kwargs)``, computed factored (see :func:`factored`)."""
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, lora, args, kwargs, dropout_rng))):
-            leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-            static = (treedef, tuple((i, x) for i, x in enumerate(leaves) if not _is_dynamic(x)))
+            static, dynamic = _split_args(args, kwargs)
             try:
                 hash(static)
             except TypeError:  # an unhashable non-array argument: trace and run op by op
                 return self._run(params, lora, args, kwargs, dropout_rng, {})
-            dynamic = [x for x in leaves if _is_dynamic(x)]
             return self._compiled(params, lora, dynamic, dropout_rng, static)
         return self._run(params, lora, args, kwargs, dropout_rng, {})
 
     def _call_with_static(self, params: Any, lora: Any, dynamic: list, dropout_rng: Any, static: tuple) -> Any:
-        treedef, fixed = static
-        leaves, it, fixed = [], iter(dynamic), dict(fixed)
-        for i in range(treedef.num_leaves):
-            leaves.append(fixed[i] if i in fixed else next(it))
-        args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        args, kwargs = _join_args(static, dynamic)
         return self._run(params, lora, args, kwargs, dropout_rng, {})
 
     def explain(self, params: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, tuple[str, ...]]:
@@ -325,15 +336,10 @@ class Factored:
                 leaf = node.apply_to(leaf)
             leaves.append(leaf)
             inputs.append(lz.from_weights(leaf, node, path_str(key_path)) if isinstance(node, LoraWeights) else leaf)
-        arg_leaves, adef = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [_is_dynamic(x) for x in arg_leaves]
-        dyn = [x for x, d in zip(arg_leaves, dynamic, strict=True) if d]
+        static, dyn = _split_args(args, kwargs)
 
         def flat_fn(p_leaves, d_leaves):
-            it = iter(d_leaves)
-            a, kw = jax.tree_util.tree_unflatten(
-                adef, [next(it) if d else x for x, d in zip(arg_leaves, dynamic, strict=True)]
-            )
+            a, kw = _join_args(static, d_leaves)
             return self.fn(jax.tree_util.tree_unflatten(pdef, p_leaves), *a, **kw)
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)

@@ -52,10 +52,13 @@ def test_chunked_attention_gradients_equal_whole():
         np.testing.assert_allclose(g_c, g_w, rtol=1e-5, atol=1e-6)
 
 
-def test_chunk_that_does_not_divide_the_sequence_raises():
+@pytest.mark.parametrize("chunk", [4, 0, -2])
+def test_chunk_that_does_not_divide_the_sequence_raises(chunk):
     q = jnp.zeros((1, 10, 2, 4))
-    with pytest.raises(ValueError, match=r"chunk=4 does not divide the sequence length 10.*Hint"):
-        causal_attention(q, q, q, chunk=4)
+    with pytest.raises(
+        ValueError, match=rf"chunk={chunk} must be a positive integer that divides the sequence length 10.*Hint"
+    ):
+        causal_attention(q, q, q, chunk=chunk)
 
 
 BASE = GPTConfig(vocab=40, d_model=16, heads=2, layers=2, d_ff=32, max_len=8)

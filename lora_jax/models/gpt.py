@@ -87,7 +87,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | N
       The attention output, shaped like ``q``; equal (up to rounding) for every ``chunk``.
 
     Raises:
-      ValueError: if ``chunk`` does not divide the sequence length.
+      ValueError: if ``chunk`` is not a positive integer dividing the sequence length.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -108,9 +108,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | N
 
     if chunk is None or chunk >= t:
         return block(q, jnp.int32(0))
-    if t % chunk:
+    if not isinstance(chunk, int) or chunk < 1 or t % chunk:
         raise ValueError(
-            f"causal_attention: chunk={chunk} does not divide the sequence length {t} (q.shape={q.shape}). "
+            f"causal_attention: chunk={chunk} must be a positive integer that divides the sequence length {t} "
+            f"(q.shape={q.shape}). "
             f"Hint: pick a divisor of {t}, or chunk=None to compute the whole score matrix."
         )
     lead = q.shape[:-3]
