@@ -7,34 +7,34 @@
 >>> effective = lora_jax.apply_lora(params, lora)
 """
 
-from lora_jax._adapters import LoraWeights as LoraWeights
-from lora_jax._adapters import Trainable as Trainable
-from lora_jax._adapters import is_adapter as is_adapter
-from lora_jax._apply import adapter_items as adapter_items
-from lora_jax._apply import apply_lora as apply_lora
-from lora_jax._apply import merge as merge
-from lora_jax._apply import unmerge as unmerge
-from lora_jax._checkpoint import adapter_checkpoint_args as adapter_checkpoint_args
-from lora_jax._checkpoint import load_adapter as load_adapter
-from lora_jax._checkpoint import read_adapter_meta as read_adapter_meta
-from lora_jax._checkpoint import save_adapter as save_adapter
-from lora_jax._factored import Factored as Factored
-from lora_jax._factored import factored as factored
-from lora_jax._factored_lazy import FactoredError as FactoredError
-from lora_jax._init import init_lora as init_lora
-from lora_jax._optim import only_adapters as only_adapters
-from lora_jax._peft import export_peft as export_peft
-from lora_jax._peft_import import import_peft as import_peft
-from lora_jax._peft_names import default_name_map as default_name_map
-from lora_jax._sharding import adapter_partition_specs as adapter_partition_specs
-from lora_jax._sharding import adapter_shardings as adapter_shardings
-from lora_jax._sharding import init_lora_sharded as init_lora_sharded
-from lora_jax._sharding import optimizer_shardings as optimizer_shardings
-from lora_jax._spec import LoraSpec as LoraSpec
-from lora_jax._spec_json import spec_from_json as spec_from_json
-from lora_jax._spec_json import spec_to_json as spec_to_json
-from lora_jax._summary import Summary as Summary
-from lora_jax._summary import summary as summary
-from lora_jax._targets import partition as partition
+from lora_jax.adapters._init import init_lora as init_lora
+from lora_jax.adapters._nodes import LoraWeights as LoraWeights
+from lora_jax.adapters._nodes import Trainable as Trainable
+from lora_jax.adapters._nodes import is_adapter as is_adapter
+from lora_jax.factored._interpreter import Factored as Factored
+from lora_jax.factored._interpreter import factored as factored
+from lora_jax.factored._lazy import FactoredError as FactoredError
+from lora_jax.io._orbax import adapter_checkpoint_args as adapter_checkpoint_args
+from lora_jax.io._orbax import load_adapter as load_adapter
+from lora_jax.io._orbax import read_adapter_meta as read_adapter_meta
+from lora_jax.io._orbax import save_adapter as save_adapter
+from lora_jax.io._peft_export import export_peft as export_peft
+from lora_jax.io._peft_import import import_peft as import_peft
+from lora_jax.io._peft_names import default_name_map as default_name_map
+from lora_jax.parallel._sharding import adapter_partition_specs as adapter_partition_specs
+from lora_jax.parallel._sharding import adapter_shardings as adapter_shardings
+from lora_jax.parallel._sharding import init_lora_sharded as init_lora_sharded
+from lora_jax.parallel._sharding import optimizer_shardings as optimizer_shardings
+from lora_jax.spec._json import spec_from_json as spec_from_json
+from lora_jax.spec._json import spec_to_json as spec_to_json
+from lora_jax.spec._spec import LoraSpec as LoraSpec
+from lora_jax.targets._select import partition as partition
+from lora_jax.transforms._apply import adapter_items as adapter_items
+from lora_jax.transforms._apply import apply_lora as apply_lora
+from lora_jax.transforms._apply import merge as merge
+from lora_jax.transforms._apply import unmerge as unmerge
+from lora_jax.transforms._optim import only_adapters as only_adapters
+from lora_jax.transforms._summary import Summary as Summary
+from lora_jax.transforms._summary import summary as summary
 
 __version__ = "0.1.0"

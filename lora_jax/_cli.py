@@ -26,8 +26,8 @@ ORBAX, PEFT = "orbax", "peft"
 
 def detect_format(path: pathlib.Path) -> str:
     """``"orbax"`` or ``"peft"``: which adapter format the directory holds."""
-    from lora_jax._checkpoint import META
-    from lora_jax._peft_import import CONFIG
+    from lora_jax.io._orbax import META
+    from lora_jax.io._peft_import import CONFIG
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -48,9 +48,9 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
     import jax
     import jax.numpy as jnp
 
-    from lora_jax._adapters import LoraWeights, Trainable
-    from lora_jax._checkpoint import read_adapter_meta
-    from lora_jax._paths import nest
+    from lora_jax.adapters._nodes import LoraWeights, Trainable
+    from lora_jax.io._orbax import read_adapter_meta
+    from lora_jax.targets._paths import nest
 
     if fmt == ORBAX:
         meta = read_adapter_meta(path)
@@ -64,7 +64,7 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
         s = meta["spec"]
         desc = f"orbax adapter checkpoint {path}: rank={s['rank']} alpha={s['alpha']:g} rslora={s['rslora']}"
         return nest(out), desc
-    from lora_jax._peft_import import import_peft, read_peft
+    from lora_jax.io._peft_import import import_peft, read_peft
 
     config, _ = read_peft(path)
     lora, spec = import_peft(path)
@@ -77,7 +77,7 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
 
 def inspect(path: pathlib.Path) -> str:
     """The text ``inspect`` prints: a description line and the summary table."""
-    from lora_jax._summary import summary
+    from lora_jax.transforms._summary import summary
 
     lora, desc = _abstract_lora(path, detect_format(path))
     s = summary({}, lora)
@@ -91,9 +91,9 @@ def inspect(path: pathlib.Path) -> str:
 
 def convert(src: pathlib.Path, dst: pathlib.Path, *, name_map: dict | None, overwrite: bool) -> str:
     """Convert ``src`` to the other format at ``dst``; returns a one-line report."""
-    from lora_jax._checkpoint import load_adapter, save_adapter
-    from lora_jax._peft import export_peft
-    from lora_jax._peft_import import import_peft
+    from lora_jax.io._orbax import load_adapter, save_adapter
+    from lora_jax.io._peft_export import export_peft
+    from lora_jax.io._peft_import import import_peft
 
     fmt = detect_format(src)
     if dst.exists() and not overwrite:

@@ -1,7 +1,7 @@
 """Float64 NumPy reference formulas that the tests compare lora_jax against.
 
 They use plain reshapes and matrix products, not the einsum equations of
-``lora_jax._layout``, so a wrong axis order in the library shows up as a
+``lora_jax.targets._layout``, so a wrong axis order in the library shows up as a
 mismatch.
 """
 

@@ -133,7 +133,10 @@ def test_effective_weight_matches_float64_closed_form(name, mode, dtype):
     out = MODES[mode](params, lora)
 
     assert jax.tree.structure(out) == jax.tree.structure(params)
-    flat_in, flat_out = lora_jax._paths.flatten_with_paths(params), lora_jax._paths.flatten_with_paths(out)
+    flat_in, flat_out = (
+        lora_jax.targets._paths.flatten_with_paths(params),
+        lora_jax.targets._paths.flatten_with_paths(out),
+    )
     for path, w in flat_in.items():
         got = flat_out[path]
         assert got.dtype == w.dtype and got.shape == w.shape, path

@@ -17,7 +17,7 @@ def _rand(seed, shape, dtype=jnp.float32):
 
 
 def _lw(kernel_shape, layout, rank=3, scale=1.5, seed=0):
-    from lora_jax import _layout
+    from lora_jax.targets import _layout
 
     a = _rand(seed + 100, _layout.a_shape(layout, kernel_shape, rank))
     b = _rand(seed + 200, _layout.b_shape(layout, kernel_shape, rank))

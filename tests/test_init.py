@@ -32,7 +32,9 @@ def rbg_key(seed: int) -> jax.Array:
 
 
 def kernels(dtype=jnp.float32) -> dict:
-    return random_like(lora_jax._paths.nest({p: jax.ShapeDtypeStruct(s, dtype) for p, (s, _) in KERNELS.items()}))
+    return random_like(
+        lora_jax.targets._paths.nest({p: jax.ShapeDtypeStruct(s, dtype) for p, (s, _) in KERNELS.items()})
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from _small_models import NnxMLP
 from flax import nnx
 
 from lora_jax import LoraSpec, LoraWeights, Trainable, adapter_items, apply_lora, init_lora, merge, summary
-from lora_jax._paths import flatten_with_paths
+from lora_jax.targets._paths import flatten_with_paths
 
 VOCAB, DIM, HIDDEN = 8, 8, 16
 SPEC = LoraSpec(rank=2, alpha=4.0, targets=["hidden", "embed"], trainable=["norm"])

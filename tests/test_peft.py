@@ -141,7 +141,10 @@ def test_peft_merge_and_unload_equals_our_merge(params, peft_adapter):
     lora, _ = lora_jax.import_peft(path, params, name_map=T.NAME_MAP, axes=T.AXES)
     merged_torch = T.torch_weights_as_flax(copy.deepcopy(model).merge_and_unload().state_dict())
     merged = lora_jax.merge(params, lora)
-    flat_t, flat_j = lora_jax._paths.flatten_with_paths(merged_torch), lora_jax._paths.flatten_with_paths(merged)
+    flat_t, flat_j = (
+        lora_jax.targets._paths.flatten_with_paths(merged_torch),
+        lora_jax.targets._paths.flatten_with_paths(merged),
+    )
     assert flat_t.keys() == flat_j.keys()
     for k in flat_t:
         np.testing.assert_allclose(np.asarray(flat_j[k]), flat_t[k], atol=2e-6, rtol=0, err_msg=k)

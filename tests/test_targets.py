@@ -11,8 +11,8 @@ from _small_models import NnxMLP, gpt_config, gpt_shapes, lora_axes
 from flax import nnx
 
 from lora_jax import LoraSpec, adapter_items, init_lora, partition
-from lora_jax._paths import flatten_with_paths
-from lora_jax._targets import resolve
+from lora_jax.targets._paths import flatten_with_paths
+from lora_jax.targets._select import resolve
 
 CFG = gpt_config()
 BLOCK = ("query", "key", "value", "out", "mlp_in", "mlp_out")

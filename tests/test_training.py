@@ -10,8 +10,8 @@ import pytest
 from _small_models import GPT, gpt_config, gpt_params, lora_axes
 
 from lora_jax import LoraSpec, LoraWeights, Trainable, adapter_items, apply_lora, init_lora, only_adapters, partition
-from lora_jax._paths import flatten_with_paths
 from lora_jax.models.gpt import cross_entropy
+from lora_jax.targets._paths import flatten_with_paths
 
 CFG = gpt_config(layers=1)  # one block: the train step compiles in half the time
 SPEC = LoraSpec(rank=4, alpha=8.0, targets="all-linear", axes=lora_axes(CFG), trainable=["ln_final"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_jax._spec import LoraSpec
+from lora_jax.spec._spec import LoraSpec
 
 _SPEC_FIELDS = tuple(f.name for f in LoraSpec.__dataclass_fields__.values())
 

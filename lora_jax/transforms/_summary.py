@@ -6,9 +6,9 @@ import dataclasses
 import math
 from typing import Any
 
-from lora_jax._adapters import LoraWeights
-from lora_jax._apply import adapter_items
-from lora_jax._paths import flatten_with_paths
+from lora_jax.adapters._nodes import LoraWeights
+from lora_jax.targets._paths import flatten_with_paths
+from lora_jax.transforms._apply import adapter_items
 
 
 def _nbytes(x: Any) -> int:

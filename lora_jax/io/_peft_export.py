@@ -21,7 +21,7 @@ Layouts (how a flax kernel corresponds to the torch module):
 * embeddings ``(num, dim)`` <-> ``nn.Embedding``: ``lora_embedding_A (r, num)``,
   ``lora_embedding_B (dim, r)``.
 * stacked-layer axes ``"b"``: one module per layer index (see
-  :mod:`lora_jax._peft_names`).
+  :mod:`lora_jax.io._peft_names`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax import _layout
-from lora_jax._adapters import Trainable
-from lora_jax._apply import adapter_items
-from lora_jax._files import replace_dir, sync_processes
-from lora_jax._peft_names import (
+from lora_jax.adapters._nodes import Trainable
+from lora_jax.io._files import replace_dir, sync_processes
+from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
     EMBED_B,
@@ -54,8 +52,10 @@ from lora_jax._peft_names import (
     export_pattern_key,
     module_name,
 )
-from lora_jax._spec import LoraSpec
-from lora_jax._targets import _first, selector_matches
+from lora_jax.spec._spec import LoraSpec
+from lora_jax.targets import _layout
+from lora_jax.targets._select import _first, selector_matches
+from lora_jax.transforms._apply import adapter_items
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -149,7 +149,7 @@ def export_peft(
         written to ``rank_pattern`` / ``alpha_pattern``.
       name_map: parameter path -> torch module name: None (drop the leaf key,
         join keys with "."), a dict, or a callable; see
-        :mod:`lora_jax._peft_names`.
+        :mod:`lora_jax.io._peft_names`.
       conv: which kernels are convolutions: ``"auto"`` (layout ``"iiio"``, a
         Conv2D), None, or a selector like ``LoraSpec(targets=...)``.
       base_model_name_or_path: written to the config (e.g. a Hub model id).

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax._adapters import is_adapter
-from lora_jax._paths import flatten_with_paths, map_with_paths
+from lora_jax.adapters._nodes import is_adapter
+from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 
 
 def adapter_items(lora: Any) -> dict[str, Any]:

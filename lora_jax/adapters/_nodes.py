@@ -10,7 +10,7 @@ Every node implements ``apply_to(w)`` (the effective weight),
 ``remove_from(w)`` (the inverse of a merge) and ``kernel_shape``. Variants
 (DoRA's magnitude vector, VeRA, AdaLoRA, quantized bases, several stacked
 adapters) are new node types with the same three members, so the transforms
-in :mod:`lora_jax._apply` never change. Array fields are pytree children (and
+in :mod:`lora_jax.transforms._apply` never change. Array fields are pytree children (and
 are trained); ``scale``, ``layout`` and ``kind`` are static metadata.
 """
 
@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout
+from lora_jax.targets import _layout
 
 
 def _static(**kwargs):
@@ -37,7 +37,7 @@ class LoraWeights:
       a: ``(*batch, *in, r)``, the down-projection (PEFT's ``lora_A``, transposed).
       b: ``(*batch, r, *out)``, the up-projection (PEFT's ``lora_B``, transposed).
       scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rslora); static.
-      layout: the kernel layout, e.g. ``"io"``; see :mod:`lora_jax._layout`.
+      layout: the kernel layout, e.g. ``"io"``; see :mod:`lora_jax.targets._layout`.
       kind: ``"linear"`` or ``"embed"`` (how PEFT names it on export).
 
     Example:

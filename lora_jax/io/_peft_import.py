@@ -1,7 +1,7 @@
 """Reading Hugging Face PEFT LoRA adapters: ``import_peft``.
 
 The inverse of :func:`lora_jax.export_peft` (layouts documented in
-:mod:`lora_jax._peft`). With ``params=None`` the kernels are taken from the
+:mod:`lora_jax.io._peft_export`). With ``params=None`` the kernels are taken from the
 file itself: every LoRA module becomes a 2-D ``"io"`` kernel at path
 ``module/name/kernel`` (``embedding`` for ``lora_embedding_*``, a 4-D
 ``"iiio"`` Conv2D kernel when ``lora_A`` is 4-D), which is what
@@ -23,10 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _layout
-from lora_jax._adapters import LoraWeights, Trainable
-from lora_jax._paths import flatten_with_paths, nest
-from lora_jax._peft_names import (
+from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
     EMBED_B,
@@ -40,8 +38,10 @@ from lora_jax._peft_names import (
     module_name,
     pattern_key,
 )
-from lora_jax._spec import LoraSpec, lora_scale
-from lora_jax._targets import _first
+from lora_jax.spec._spec import LoraSpec, lora_scale
+from lora_jax.targets import _layout
+from lora_jax.targets._paths import flatten_with_paths, nest
+from lora_jax.targets._select import _first
 
 _KERNEL_KEYS = ("kernel", "embedding", "weight")
 

@@ -8,11 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout
-from lora_jax._adapters import LoraWeights, Trainable
-from lora_jax._paths import flatten_with_paths, nest
-from lora_jax._spec import LoraSpec
-from lora_jax._targets import Target, resolve
+from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.spec._spec import LoraSpec
+from lora_jax.targets import _layout
+from lora_jax.targets._paths import flatten_with_paths, nest
+from lora_jax.targets._select import Target, resolve
 
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:

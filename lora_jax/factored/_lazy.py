@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout
+from lora_jax.targets import _layout
 
 RANK_LETTER = "z"
 LETTERS = string.ascii_letters.replace(RANK_LETTER, "")

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._adapters import LoraWeights, Trainable
-from lora_jax._apply import adapter_items
-from lora_jax._files import replace_dir, sync_processes
-from lora_jax._paths import flatten_with_paths, nest
-from lora_jax._spec import LoraSpec
-from lora_jax._spec_json import _SPEC_FIELDS, spec_from_json, spec_to_json
+from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.io._files import replace_dir, sync_processes
+from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
+from lora_jax.spec._spec import LoraSpec
+from lora_jax.targets._paths import flatten_with_paths, nest
+from lora_jax.transforms._apply import adapter_items
 
 FORMAT = "lora_jax.adapter"
 VERSION = 1
@@ -217,7 +217,7 @@ def _kernel_shape(entry: dict[str, Any]) -> tuple[int, ...]:
     arrays = entry["arrays"]
     if entry["type"] == "trainable":
         return tuple(arrays["value"]["shape"])
-    from lora_jax import _layout
+    from lora_jax.targets import _layout
 
     return _layout.kernel_shape(entry["layout"], tuple(arrays["a"]["shape"]), tuple(arrays["b"]["shape"]))
 

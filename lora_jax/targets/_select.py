@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _layout
-from lora_jax._paths import flatten_with_paths, map_with_paths
-from lora_jax._spec import LoraSpec
+from lora_jax.spec._spec import LoraSpec
+from lora_jax.targets import _layout
+from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 
 LORA, FROZEN, TRAINABLE = "lora", "frozen", "trainable"
 

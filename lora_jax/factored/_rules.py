@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax import _factored_lazy as lz
-from lora_jax._factored_lazy import RANK_LETTER, LazyKernel
+from lora_jax.factored import _lazy as lz
+from lora_jax.factored._lazy import RANK_LETTER, LazyKernel
 
 Dropout = Callable[[jax.Array], jax.Array]
 

@@ -3,9 +3,9 @@
 :func:`factored` traces ``fn`` to a jaxpr with ``jax.make_jaxpr`` (the
 parameters are inputs) and evaluates that jaxpr with its own small
 interpreter, in which each adapted kernel is a
-:class:`~lora_jax._factored_lazy.LazyKernel` (base ``W``, factors ``A``, ``B``,
+:class:`~lora_jax.factored._lazy.LazyKernel` (base ``W``, factors ``A``, ``B``,
 scale). Reshapes, transposes, casts, broadcasts and slices of a kernel are
-mirrored on the factors (:mod:`lora_jax._factored_rules`); ``dot_general``,
+mirrored on the factors (:mod:`lora_jax.factored._rules`); ``dot_general``,
 ``conv_general_dilated`` and ``gather`` consume it as ``x·W + s·(x·A)·B``;
 ``jit``, ``remat``, ``scan`` (flax ``nn.scan`` slices the stacked kernels:
 the factors are sliced along the same axis), ``cond`` and ``while`` are
@@ -45,12 +45,12 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from lora_jax import _factored_lazy as lz
-from lora_jax import _factored_rules as rules
-from lora_jax._adapters import LoraWeights, Trainable
-from lora_jax._apply import adapter_items, apply_lora
-from lora_jax._factored_lazy import FactoredError, LazyKernel
-from lora_jax._paths import path_str
+from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.factored import _lazy as lz
+from lora_jax.factored import _rules as rules
+from lora_jax.factored._lazy import FactoredError, LazyKernel
+from lora_jax.targets._paths import path_str
+from lora_jax.transforms._apply import adapter_items, apply_lora
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _CUSTOM_RULE = {"custom_jvp_call": "jax.custom_jvp", "custom_vjp_call": "jax.custom_vjp"}

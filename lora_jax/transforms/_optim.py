@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import optax
 
-from lora_jax._adapters import is_adapter
-from lora_jax._targets import TRAINABLE
+from lora_jax.adapters._nodes import is_adapter
+from lora_jax.targets._select import TRAINABLE
 
 _TRAIN, _FREEZE = "train", "freeze"
 

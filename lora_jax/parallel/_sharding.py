@@ -1,7 +1,7 @@
 """Sharded adapters: shardings derived from the base, and sharded creation.
 
 An adapter follows the sharding of the kernel it adapts. For a kernel ``W``
-with layout ``layout`` (see :mod:`lora_jax._layout`) and partition
+with layout ``layout`` (see :mod:`lora_jax.targets._layout`) and partition
 ``P(*entries)``:
 
 * A ``(*batch, *in, r)`` takes the entries of W's batch and input axes, and
@@ -29,11 +29,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from lora_jax._adapters import LoraWeights, Trainable, is_adapter
-from lora_jax._init import init_lora
-from lora_jax._paths import flatten_with_paths, map_with_paths
-from lora_jax._spec import LoraSpec
-from lora_jax._targets import resolve
+from lora_jax.adapters._init import init_lora
+from lora_jax.adapters._nodes import LoraWeights, Trainable, is_adapter
+from lora_jax.spec._spec import LoraSpec
+from lora_jax.targets._paths import flatten_with_paths, map_with_paths
+from lora_jax.targets._select import resolve
 
 
 def _is_sharding_leaf(x: Any) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Union
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._layout import LAYOUT_LETTERS
+from lora_jax.targets._layout import LAYOUT_LETTERS
 
 #: A target/exclude/trainable selector: a regex string, a sequence of plain
 #: key names (or regexes), or a callable ``(path, leaf) -> bool``.
@@ -76,7 +76,7 @@ class LoraSpec:
         Embedding tables always get A = 0, B ~ N(0, 1), as in PEFT.
       dtype: dtype of A and B (the update is computed in float32 regardless).
       axes: per-path kernel layouts ``{pattern: layout}``, required for kernels
-        with more than two axes; see :mod:`lora_jax._layout` (e.g. ``"ioo"``
+        with more than two axes; see :mod:`lora_jax.targets._layout` (e.g. ``"ioo"``
         for a ``(d_model, heads, head_dim)`` query kernel, ``"bio"`` for a
         scanned Dense kernel, ``"iiio"`` for Conv2D).
       trainable: leaves trained in full (PEFT's ``modules_to_save``, e.g. a

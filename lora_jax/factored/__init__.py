@@ -1,0 +1,1 @@
+"""Factored execution: the jaxpr interpreter, the lazy kernel and its per-primitive rules. Private; see :mod:`lora_jax`."""

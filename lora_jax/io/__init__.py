@@ -1,0 +1,1 @@
+"""Files: orbax checkpoints and PEFT interchange. Private; see :mod:`lora_jax`."""

@@ -1,0 +1,1 @@
+"""``LoraSpec`` and its JSON form. Private; see :mod:`lora_jax`."""
