@@ -8,9 +8,16 @@
 """
 
 from lora_jax.adapters._init import init_lora as init_lora
+from lora_jax.adapters._lowered import LowRank as LowRank
+from lora_jax.adapters._lowered import Replace as Replace
 from lora_jax.adapters._nodes import LoraWeights as LoraWeights
 from lora_jax.adapters._nodes import Trainable as Trainable
-from lora_jax.adapters._nodes import is_adapter as is_adapter
+from lora_jax.adapters._registry import SHARED as SHARED
+from lora_jax.adapters._registry import is_adapter as is_adapter
+from lora_jax.adapters._registry import register_adapter as register_adapter
+from lora_jax.adapters._split import combine as combine
+from lora_jax.adapters._split import split as split
+from lora_jax.adapters._tree import adapter_items as adapter_items
 from lora_jax.factored._interpreter import Factored as Factored
 from lora_jax.factored._interpreter import factored as factored
 from lora_jax.factored._lazy import FactoredError as FactoredError
@@ -29,7 +36,6 @@ from lora_jax.spec._json import spec_from_json as spec_from_json
 from lora_jax.spec._json import spec_to_json as spec_to_json
 from lora_jax.spec._spec import LoraSpec as LoraSpec
 from lora_jax.targets._select import partition as partition
-from lora_jax.transforms._apply import adapter_items as adapter_items
 from lora_jax.transforms._apply import apply_lora as apply_lora
 from lora_jax.transforms._apply import merge as merge
 from lora_jax.transforms._apply import unmerge as unmerge

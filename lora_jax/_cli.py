@@ -48,7 +48,7 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
     import jax
     import jax.numpy as jnp
 
-    from lora_jax.adapters._nodes import LoraWeights, Trainable
+    from lora_jax.io._codec import decode
     from lora_jax.io._orbax import read_adapter_meta
     from lora_jax.targets._paths import nest
 
@@ -57,10 +57,7 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
         out = {}
         for p, e in meta["adapters"].items():
             sds = {f: jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"])) for f, i in e["arrays"].items()}
-            if e["type"] == "lora":
-                out[p] = LoraWeights(sds["a"], sds["b"], scale=e["scale"], layout=e["layout"], kind=e["kind"])
-            else:
-                out[p] = Trainable(sds["value"])
+            out[p] = decode(e, sds, p)
         s = meta["spec"]
         desc = f"orbax adapter checkpoint {path}: rank={s['rank']} alpha={s['alpha']:g} rslora={s['rslora']}"
         return nest(out), desc

@@ -18,3 +18,6 @@ def strict_promotion():
     """Run the test with ``jax_numpy_dtype_promotion="strict"``."""
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+collect_ignore = ["fixtures"]  # data and the script that wrote it (tests/fixtures/make_checkpoint_v1.py), not tests

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lora_jax
+from lora_jax.targets._paths import flatten_with_paths
 
 PARAMS = {
     "embed": {"embedding": jnp.arange(40.0).reshape(10, 4)},
@@ -307,3 +309,23 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path
     assert_same_adapter(lora_jax.load_adapter(mngr.directory / "1")[0], small)
     mngr.close()
     assert_same_adapter(lora_jax.load_adapter(tmp_path / "single" / "adapter")[0], small)
+
+
+def test_a_checkpoint_written_by_lora_jax_0_1_loads_and_applies_as_it_did(tmp_path):
+    # tests/fixtures/checkpoint_v1 was written by save_adapter at lora_jax 0.1.0 (format version 1), with the
+    # params below, by tests/fixtures/make_checkpoint_v1.py; the .npz holds apply_lora's result at the time
+    fixtures = pathlib.Path(__file__).parent / "fixtures"
+    params = {
+        "dense": {"kernel": jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3) / 10), "bias": jnp.zeros(3)},
+        "attn": {"kernel": jnp.asarray(np.arange(24, dtype=np.float32).reshape(4, 2, 3) / 10)},
+        "head": {"kernel": jnp.asarray(np.ones((3, 2), np.float32))},
+    }
+    assert lora_jax.read_adapter_meta(fixtures / "checkpoint_v1")["adapters"]["attn/kernel"]["meta"]["layout"] == "ioo"
+    shutil.copytree(fixtures / "checkpoint_v1", tmp_path / "v1")  # loading must not need a writable fixture
+    lora, spec = lora_jax.load_adapter(tmp_path / "v1", params=params)
+    assert spec.rank == 2 and spec.axes == (("attn", "ioo"),)
+    assert type(lora["head"]["kernel"]) is lora_jax.Trainable and lora["dense"]["kernel"].layout == "io"
+    expected = np.load(fixtures / "checkpoint_v1_expected.npz")
+    got = flatten_with_paths(lora_jax.apply_lora(params, lora))
+    for key in expected.files:
+        np.testing.assert_array_equal(np.asarray(got[key.replace(".", "/")]), expected[key])

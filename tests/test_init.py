@@ -225,3 +225,23 @@ def test_summary_works_on_shapes_only():
     assert s.trainable_params == cfg.layers * 2 * (cfg.d_model + cfg.d_ff)
     assert s.base_params == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     assert lora_jax.summary(shapes, lora).rows[0].path == "layers_0/mlp_in/kernel"
+
+
+def test_paths_whose_31_bit_crc_collides_get_different_adapters():
+    # zlib.crc32(p) & 0x7FFFFFFF is equal for these two paths: the former key derivation gave them one A
+    paths = ("blk600/dec160/mlp240/kernel", "attn30/mlp821/mlp7/kernel")
+    params = {}
+    for p in paths:
+        node = params
+        *parents, leaf = p.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = jnp.ones((16, 8))
+    lora = adapter_items(init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=".*kernel")))
+    assert not np.array_equal(lora[paths[0]].a, lora[paths[1]].a)
+
+
+def test_two_leaves_with_the_same_joined_path_raise_naming_both():
+    params = {"a/b": {"kernel": jnp.ones((4, 3))}, "a": {"b": {"kernel": jnp.ones((4, 3))}}}
+    with pytest.raises(ValueError, match=r"same parameter path 'a/b/kernel': \['a'\]\['b'\]\['kernel'\] and \['a/b'\]"):
+        init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=".*kernel"))

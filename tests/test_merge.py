@@ -13,7 +13,8 @@ from _small_models import gpt_config, gpt_forward, gpt_params, lora_axes, random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_jax import LoraSpec, LoraWeights, apply_lora, init_lora, merge, unmerge
+from lora_jax import LoraSpec, LoraWeights, adapter_items, apply_lora, init_lora, merge, unmerge
+from lora_jax.targets._paths import flatten_with_paths
 
 
 @st.composite
@@ -131,3 +132,29 @@ def test_safe_merge_catches_overflow_in_the_base_dtype():
     lora = {"w": LoraWeights(a=jnp.ones((2, 1)), b=jnp.full((1, 2), 1e38), scale=1.0)}
     with pytest.raises(ValueError, match=r"NaN or inf into w"):
         merge(params, lora, safe=True)
+
+
+def test_every_merged_kernel_equals_the_float64_reference(gpt_case):
+    _, params, lora = gpt_case
+    merged = flatten_with_paths(merge(params, lora))
+    base = flatten_with_paths(params)
+    for path, node in adapter_items(lora).items():
+        want = apply_np(base[path], node.a, node.b, node.scale, node.layout)
+        err = np.abs(f64(merged[path]) - want)
+        assert np.all(err <= f32_update_error(base[path], node.a, node.b, node.scale, node.layout)), path
+        assert np.abs(want - f64(base[path])).max() > 1e-3, path  # the adapter changes this kernel
+
+
+def test_float64_kernels_are_merged_in_float64():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        w = jnp.asarray(rng.normal(size=(6, 5)))
+        a, b = jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(3, 5)))
+        assert w.dtype == a.dtype == jnp.float64
+        params, lora = {"w": w}, {"w": LoraWeights(a=a, b=b, scale=0.7)}
+        want = np.asarray(w) + 0.7 * np.asarray(a) @ np.asarray(b)
+        for got in (merge(params, lora)["w"], jax.jit(apply_lora)(params, lora)["w"]):
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13, atol=1e-13)  # float32 would be ~1e-7 off
+        back = unmerge(merge(params, lora), lora)["w"]
+        np.testing.assert_allclose(np.asarray(back), np.asarray(w), rtol=1e-13, atol=1e-13)

@@ -146,3 +146,19 @@ def test_only_adapters_with_labels_on_params_and_lora_together():
     np.testing.assert_array_equal(new_lora["dense"]["kernel"].b, lora["dense"]["kernel"].b - 0.5)
     with pytest.raises(ValueError, match=r"only_adapters\(labels=\.\.\.\): the labels .* have the structure of params"):
         tx.init(lora)
+
+
+def test_only_adapters_with_labels_trains_the_trainable_copy_not_also_the_base_leaf():
+    # partition labels the head "trainable"; init_lora made a Trainable copy of it. Only the copy may train:
+    # apply_lora uses the copy, and an update of the base head (weight decay, here) would silently change it
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}, "head": {"kernel": jnp.ones((3, 2))}}
+    spec = LoraSpec(rank=2, targets=["dense"], trainable=["head"])
+    lora = init_lora(rbg_key(0), params, spec)
+    tx = only_adapters(optax.adamw(0.1, weight_decay=0.5), labels=partition(params, spec))
+    tree = (params, lora)
+    state = tx.init(tree)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), state, tree)
+    new_params, new_lora = optax.apply_updates(tree, updates)
+    np.testing.assert_array_equal(new_params["head"]["kernel"], params["head"]["kernel"])
+    assert not np.array_equal(new_lora["head"]["kernel"].value, lora["head"]["kernel"].value)
+    assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (4 * 2 + 2 * 3 + 3 * 2) + 1  # no state for the base head

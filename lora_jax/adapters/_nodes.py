@@ -1,26 +1,29 @@
-"""Adapter nodes: the pytree types that hold an adapter for one base leaf.
+"""The built-in adapter node types: :class:`LoraWeights` and :class:`Trainable`.
 
 An adapter tree (what :func:`lora_jax.init_lora` returns) is a nested dict that
 mirrors the parameter paths, with one node per adapted leaf:
 
-* :class:`LoraWeights` for a low-rank adapter ``W' = W + scale * A @ B``;
+* :class:`LoraWeights` for a low-rank adapter ``W' = W + scale * A @ B``
+  (LoRA, rsLoRA, and LoRA-FA with ``frozen=("a",)``);
 * :class:`Trainable` for a leaf trained in full (PEFT's ``modules_to_save``).
 
-Every node implements ``apply_to(w)`` (the effective weight),
-``remove_from(w)`` (the inverse of a merge) and ``kernel_shape``. Variants
-(DoRA's magnitude vector, VeRA, AdaLoRA, quantized bases, several stacked
-adapters) are new node types with the same three members, so the transforms
-in :mod:`lora_jax.transforms._apply` never change. Array fields are pytree children (and
-are trained); ``scale``, ``layout`` and ``kind`` are static metadata.
+Both are registered node types (:mod:`lora_jax.adapters._registry`): array
+fields are pytree children, ``scale``, ``layout``, ``kind``, ``dropout`` and
+``frozen`` are static metadata. Each lowers to the one form the transforms
+consume (:mod:`lora_jax.adapters._lowered`); variants are new node types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from lora_jax.adapters import _lowered
+from lora_jax.adapters._lowered import LowRank, Replace
+from lora_jax.adapters._registry import lower, register_adapter
 from lora_jax.targets import _layout
 
 
@@ -28,7 +31,7 @@ def _static(**kwargs):
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
-@jax.tree_util.register_dataclass
+@register_adapter(name="lora")
 @dataclasses.dataclass(frozen=True)
 class LoraWeights:
     """A low-rank adapter for one kernel: ``delta = scale * A @ B``.
@@ -39,6 +42,10 @@ class LoraWeights:
       scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rslora); static.
       layout: the kernel layout, e.g. ``"io"``; see :mod:`lora_jax.targets._layout`.
       kind: ``"linear"`` or ``"embed"`` (how PEFT names it on export).
+      dropout: LoRA dropout rate on the adapter input, applied by
+        :func:`lora_jax.factored` when given a ``dropout_rng``.
+      frozen: array fields that do not train: ``("a",)`` is LoRA-FA (A random
+        and frozen, only B trains).
 
     Example:
       >>> import jax.numpy as jnp
@@ -56,6 +63,22 @@ class LoraWeights:
     scale: float = _static(default=1.0)
     layout: str = _static(default="io")
     kind: str = _static(default="linear")
+    dropout: float = _static(default=0.0)
+    frozen: tuple[str, ...] = _static(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        if set(self.frozen) - {"a", "b"}:
+            raise ValueError(f"LoraWeights(frozen={self.frozen!r}): frozen names array fields, 'a' and/or 'b'.")
+
+    def lower(self, shared: Mapping[str, Any]) -> LowRank:
+        """The low-rank form (see :mod:`lora_jax.adapters._lowered`)."""
+        del shared
+        return LowRank(self.a, self.b, scale=self.scale, layout=self.layout, kind=self.kind, dropout=self.dropout)
+
+    def field_axes(self) -> dict[str, str]:
+        """A is ``(*batch, *in, r)``, B is ``(*batch, r, *out)``."""
+        return {"a": "BIr", "b": "BrO"}
 
     @property
     def rank(self) -> int:
@@ -69,18 +92,18 @@ class LoraWeights:
 
     def delta(self) -> jax.Array:
         """``scale * A @ B`` in float32, in the kernel's axis order."""
-        return self.scale * _layout.low_rank_product(self.layout, self.a, self.b)
+        return _lowered.delta(lower(self))
 
     def apply_to(self, w: jax.Array) -> jax.Array:
-        """``W + delta``, added in float32 and cast to ``w.dtype`` once."""
-        return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+        """``W + delta``, added in float32 (float64 for a float64 ``w``) and cast to ``w.dtype`` once."""
+        return _lowered.apply_to(lower(self), w)
 
     def remove_from(self, w: jax.Array) -> jax.Array:
         """``W - delta``: undoes :meth:`apply_to` (up to rounding in ``w.dtype``)."""
-        return (w.astype(jnp.float32) - self.delta()).astype(w.dtype)
+        return _lowered.remove_from(lower(self), w)
 
 
-@jax.tree_util.register_dataclass
+@register_adapter(name="trainable")
 @dataclasses.dataclass(frozen=True)
 class Trainable:
     """A leaf trained in full; its value replaces the base leaf.
@@ -93,6 +116,15 @@ class Trainable:
 
     value: jax.Array
 
+    def lower(self, shared: Mapping[str, Any]) -> Replace:
+        """The replacement form."""
+        del shared
+        return Replace(self.value)
+
+    def field_axes(self) -> dict[str, str]:
+        """The value has the kernel's own axes."""
+        return {"value": "K"}
+
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the leaf it replaces."""
@@ -100,29 +132,8 @@ class Trainable:
 
     def apply_to(self, w: jax.Array) -> jax.Array:
         """The trained value, in the base leaf's dtype."""
-        return self.value.astype(w.dtype)
+        return _lowered.apply_to(lower(self), w)
 
     def remove_from(self, w: jax.Array) -> jax.Array:
-        """Not invertible: the original value is not kept."""
-        raise ValueError(
-            "a leaf trained in full (LoraSpec(trainable=...)) cannot be unmerged: merging replaced "
-            "it and its original value is not kept. Merging is functional, so keep the original params "
-            "instead of unmerging."
-        )
-
-
-ADAPTER_TYPES = (LoraWeights, Trainable)
-
-
-def is_adapter(x: object) -> bool:
-    """Whether ``x`` is an adapter node (a leaf of an adapter tree).
-
-    Use it as ``is_leaf`` to walk an adapter tree node by node.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> lora = {"dense": {"kernel": LoraWeights(jnp.ones((3, 1)), jnp.zeros((1, 2)))}}
-      >>> [type(n).__name__ for n in jax.tree_util.tree_leaves(lora, is_leaf=is_adapter)]
-      ['LoraWeights']
-    """
-    return isinstance(x, ADAPTER_TYPES)
+        """Not invertible: the original value is not kept (raises ``ValueError``)."""
+        return _lowered.remove_from(lower(self), w)

@@ -45,12 +45,13 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.adapters._lowered import LowRank, Replace, apply_to
+from lora_jax.adapters._tree import lowered_items
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _rules as rules
 from lora_jax.factored._lazy import FactoredError, LazyKernel
 from lora_jax.targets._paths import path_str
-from lora_jax.transforms._apply import adapter_items, apply_lora
+from lora_jax.transforms._apply import apply_lora
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _CUSTOM_RULE = {"custom_jvp_call": "jax.custom_jvp", "custom_vjp_call": "jax.custom_vjp"}
@@ -322,20 +323,20 @@ class Factored:
         """
         report: dict[str, list[str]] = {}
         jax.eval_shape(lambda: self._run(params, lora, args, kwargs, None, report))
-        paths = [p for p, n in adapter_items(lora).items() if isinstance(n, LoraWeights)]
+        paths = [p for p, n in lowered_items(lora).items() if isinstance(n, LowRank)]
         return {p: tuple(report.get(p, ())) for p in paths}
 
     def _run(self, params, lora, args, kwargs, dropout_rng, report) -> Any:
-        items = adapter_items(lora)
         jax.eval_shape(apply_lora, params, lora)  # validates paths and shapes, with clear errors
+        items = lowered_items(lora)  # every node in its one lowered form; frozen arrays under stop_gradient
         flat, pdef = jax.tree_util.tree_flatten_with_path(params)
         leaves, inputs = [], []
         for key_path, leaf in flat:
-            node = items.get(path_str(key_path))
-            if isinstance(node, Trainable):
-                leaf = node.apply_to(leaf)
+            low = items.get(path_str(key_path))
+            if isinstance(low, Replace):
+                leaf = apply_to(low, leaf)
             leaves.append(leaf)
-            inputs.append(lz.from_weights(leaf, node, path_str(key_path)) if isinstance(node, LoraWeights) else leaf)
+            inputs.append(lz.from_weights(leaf, low, path_str(key_path)) if isinstance(low, LowRank) else leaf)
         static, dyn = _split_args(args, kwargs)
 
         def flat_fn(p_leaves, d_leaves):

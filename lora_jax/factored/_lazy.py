@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.adapters import _lowered
 from lora_jax.targets import _layout
 
 RANK_LETTER = "z"
@@ -76,7 +77,7 @@ class LazyKernel:
 
 
 def from_weights(w: jax.Array, node: Any, path: str) -> LazyKernel:
-    """The lazy kernel of base ``w`` and adapter ``node`` (a ``LoraWeights``)."""
+    """The lazy kernel of base ``w`` and a lowered adapter ``node`` (a ``LowRank``)."""
     layout = node.layout
     kinds = tuple({"b": "s", "i": "a", "o": "b"}[c] for c in layout)
     batch, ins, outs = (_layout.axes_of(layout, c) for c in "bio")
@@ -90,23 +91,18 @@ def from_weights(w: jax.Array, node: Any, path: str) -> LazyKernel:
 
 
 def delta(lk: LazyKernel) -> jax.Array:
-    """``scale * a ⊗ b`` in float32, broadcast to the kernel's shape (materializes!)."""
+    """``scale * a ⊗ b`` in float32 (float64 for a float64 kernel), broadcast to the kernel's shape (materializes!)."""
     names = LETTERS[: len(lk.kinds)]
     sa, sb = lk.letters(names)
     kept = "".join(n for n, c in zip(names, lk.kinds, strict=True) if c != "n")
-    d = jnp.einsum(
-        f"{sa},{sb}->{kept}",
-        lk.a.astype(jnp.float32),
-        lk.b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    d = _lowered.product(f"{sa},{sb}->{kept}", lk.a, lk.b, lk.dtype)
     d = jnp.expand_dims(d, [k for k, c in enumerate(lk.kinds) if c == "n"])
     return lk.scale * jnp.broadcast_to(d, lk.shape)
 
 
 def materialize(lk: LazyKernel) -> jax.Array:
-    """``w + delta`` added in float32 and cast to ``w.dtype`` once."""
-    return (lk.w.astype(jnp.float32) + delta(lk)).astype(lk.dtype)
+    """``w + delta`` added in float32 (float64 for a float64 kernel) and cast to ``w.dtype`` once."""
+    return (lk.w.astype(_lowered.compute_dtype(lk.dtype)) + delta(lk)).astype(lk.dtype)
 
 
 # ---------------------------------------------------------------------------

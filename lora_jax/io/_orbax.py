@@ -6,8 +6,10 @@ A checkpoint holds the adapter arrays and a JSON record, never base weights:
   ``{"value"}`` for a leaf trained in full) per adapted path, nested like the
   adapter tree;
 * item ``"adapter_meta"`` (``ocp.args.JsonSave``): the :class:`LoraSpec`, and
-  per path the static metadata (``scale``, ``layout``, ``kind``), shapes,
-  dtypes and a checksum of every array.
+  per path the node's record (:mod:`lora_jax.io._codec`: its registered type
+  name, static metadata such as ``scale``, ``layout``, ``kind``), shapes,
+  dtypes and a checksum of every array; the shared section's arrays are
+  stored once under ``"__shared__"``.
 
 So a checkpoint restores without re-creating the spec, the static metadata
 comes back identically, and a corrupt or truncated file is detected rather
@@ -28,15 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.adapters._registry import SHARED
+from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.io._codec import decode, encode, kernel_shape, upgrade_v1
 from lora_jax.io._files import replace_dir, sync_processes
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
-from lora_jax.transforms._apply import adapter_items
 
 FORMAT = "lora_jax.adapter"
-VERSION = 1
+VERSION = 2  # 2: node records {"type", "meta", "arrays"} and a shared section; 1 (lora_jax 0.1) is read too
 ARRAYS, META = "adapter", "adapter_meta"
 
 
@@ -62,23 +65,34 @@ def _host_ints(tree: dict[str, jax.Array]) -> dict[str, int]:
     return {k: int(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
 
 
-def _fields(node: Any) -> dict[str, Any]:
-    return {"a": node.a, "b": node.b} if isinstance(node, LoraWeights) else {"value": node.value}
+def _flat_arrays(lora: Any) -> dict[str, Any]:
+    """Every array of an adapter tree keyed ``"path/field"`` (and ``"__shared__/name"`` for the shared section)."""
+    out = {f"{p}/{f}": x for p, node in adapter_items(lora).items() for f, x in encode(node, p)[0].items()}
+    out.update({f"{SHARED}/{k}": x for k, x in flatten_with_paths(shared_section(lora)).items()})
+    return out
 
 
-def _describe(items: dict[str, Any]) -> dict[str, Any]:
-    arrays = {f"{p}/{f}": x for p, node in items.items() for f, x in _fields(node).items()}
+def _info(x: Any, checksum: int) -> dict[str, Any]:
+    return {"shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name, "checksum": checksum}
+
+
+def _describe(lora: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(adapters, shared)``: the JSON records of every node and of the shared arrays."""
+    arrays = _flat_arrays(lora)
     sums = _host_ints(_checksums(arrays))
     out = {}
-    for path, node in items.items():
-        entry: dict[str, Any] = {"type": "lora" if isinstance(node, LoraWeights) else "trainable"}
-        if isinstance(node, LoraWeights):
-            entry.update(scale=float(node.scale), layout=node.layout, kind=node.kind)
-        entry["arrays"] = {
-            f: {"shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name, "checksum": sums[f"{path}/{f}"]}
-            for f, x in _fields(node).items()
-        }
+    for path, node in adapter_items(lora).items():
+        fields, entry = encode(node, path)
+        entry["arrays"] = {f: _info(x, sums[f"{path}/{f}"]) for f, x in fields.items()}
         out[path] = entry
+    shared = {k: _info(x, sums[f"{SHARED}/{k}"]) for k, x in flatten_with_paths(shared_section(lora)).items()}
+    return out, shared
+
+
+def _records(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"path/field" or "__shared__/name": array record}`` of a checkpoint's metadata."""
+    out = {f"{p}/{f}": info for p, e in meta["adapters"].items() for f, info in e["arrays"].items()}
+    out.update({f"{SHARED}/{k}": info for k, info in meta.get("shared", {}).items()})
     return out
 
 
@@ -113,11 +127,13 @@ def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
     import orbax.checkpoint as ocp
 
     spec_json = spec_to_json(spec)
-    items = adapter_items(lora)
-    if not items:
+    if not adapter_items(lora):
         raise ValueError("the adapter tree is empty: there is nothing to save. Create it with init_lora.")
-    meta = {"format": FORMAT, "version": VERSION, "spec": spec_json, "adapters": _describe(items)}
-    arrays = nest({f"{p}/{f}": x for p, node in items.items() for f, x in _fields(node).items()})
+    adapters, shared = _describe(lora)
+    meta = {"format": FORMAT, "version": VERSION, "spec": spec_json, "adapters": adapters}
+    if shared:
+        meta["shared"] = shared
+    arrays = nest(_flat_arrays(lora))
     return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
 
 
@@ -198,9 +214,12 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
         raise ValueError(f"{path}: the adapter metadata is corrupt or truncated ({e}); restore another step.") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("adapters"), dict):
         raise ValueError(f"{path}: {META}/metadata is not a {FORMAT} record; the checkpoint is corrupt or foreign.")
+    if meta.get("version") == 1:  # lora_jax 0.1: the same arrays, node metadata at the top of each entry
+        meta = {**meta, "version": VERSION, "adapters": {p: upgrade_v1(e) for p, e in meta["adapters"].items()}}
     if meta.get("version") != VERSION:
         raise ValueError(
-            f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads version {VERSION}."
+            f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads versions 1 and {VERSION}. "
+            f"A newer lora_jax wrote it: upgrade lora_jax to load it."
         )
     return meta
 
@@ -213,22 +232,14 @@ def _spec_diff(saved: LoraSpec, given: LoraSpec) -> str:
     )
 
 
-def _kernel_shape(entry: dict[str, Any]) -> tuple[int, ...]:
-    arrays = entry["arrays"]
-    if entry["type"] == "trainable":
-        return tuple(arrays["value"]["shape"])
-    from lora_jax.targets import _layout
-
-    return _layout.kernel_shape(entry["layout"], tuple(arrays["a"]["shape"]), tuple(arrays["b"]["shape"]))
-
-
 def _check_params(path: pathlib.Path, adapters: dict[str, Any], params: Any) -> None:
     flat = flatten_with_paths(params)
+    shapes = {p: kernel_shape(e, p) for p, e in adapters.items()}
     missing = [p for p in adapters if p not in flat]
     wrong = [
-        f"{p} (adapter fits {_kernel_shape(e)}, params hold {tuple(getattr(flat[p], 'shape', ()))})"
-        for p, e in adapters.items()
-        if p in flat and tuple(getattr(flat[p], "shape", ())) != _kernel_shape(e)
+        f"{p} (adapter fits {shapes[p]}, params hold {tuple(getattr(flat[p], 'shape', ()))})"
+        for p in adapters
+        if p in flat and tuple(getattr(flat[p], "shape", ())) != shapes[p]
     ]
     if missing or wrong:
         raise ValueError(
@@ -241,8 +252,9 @@ def _check_params(path: pathlib.Path, adapters: dict[str, Any], params: Any) -> 
         )
 
 
-def _abstract_arrays(path: pathlib.Path, adapters: dict[str, Any], target: Any) -> dict[str, Any]:
+def _abstract_arrays(path: pathlib.Path, meta: dict[str, Any], target: Any) -> dict[str, Any]:
     """Flat {"path/field": ShapeDtypeStruct} in the saved dtypes, with the target's shardings."""
+    adapters = meta["adapters"]
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     given: dict[str, Any] = {}
     if target is not None:
@@ -253,21 +265,18 @@ def _abstract_arrays(path: pathlib.Path, adapters: dict[str, Any], target: Any) 
                 f"{path}: the target tree does not match the checkpoint: the checkpoint lacks {extra or 'nothing'}, "
                 f"the target lacks {lacking or 'nothing'}. Build the target from the same params and spec."
             )
-        for p, node in items.items():
-            for f, x in _fields(node).items():
-                given[f"{p}/{f}"] = x
+        given = _flat_arrays(target)
     out = {}
-    for p, entry in adapters.items():
-        for f, info in entry["arrays"].items():
-            key, shape = f"{p}/{f}", tuple(info["shape"])
-            t = given.get(key)
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(
-                    f"{path}: {key} is saved with shape {shape} but the target has {tuple(t.shape)}; the "
-                    f"checkpoint was made with another spec or params (compare the rank and kernel shape)."
-                )
-            sharding = getattr(t, "sharding", None) or default
-            out[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(info["dtype"]), sharding=sharding)
+    for key, info in _records(meta).items():
+        shape = tuple(info["shape"])
+        t = given.get(key)
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"{path}: {key} is saved with shape {shape} but the target has {tuple(t.shape)}; the "
+                f"checkpoint was made with another spec or params (compare the rank and kernel shape)."
+            )
+        sharding = getattr(t, "sharding", None) or default
+        out[key] = jax.ShapeDtypeStruct(shape, jnp.dtype(info["dtype"]), sharding=sharding)
     return out
 
 
@@ -332,7 +341,7 @@ def load_adapter(
     adapters = meta["adapters"]
     if params is not None:
         _check_params(path, adapters, params)
-    abstract = _abstract_arrays(path, adapters, target)
+    abstract = _abstract_arrays(path, meta, target)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
             restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
@@ -344,25 +353,19 @@ def load_adapter(
         ) from None
     if set(flat) != set(abstract):
         raise ValueError(f"{path}: the adapter arrays do not match their metadata; the checkpoint is corrupt.")
-    sums = _host_ints(_checksums(flat))
-    bad = [k for k in abstract if sums[k] != adapters[k.rpartition("/")[0]]["arrays"][k.rpartition("/")[2]]["checksum"]]
+    sums, records = _host_ints(_checksums(flat)), _records(meta)
+    bad = [k for k in abstract if sums[k] != records[k]["checksum"]]
     if bad:
         raise ValueError(
             f"{path}: checksum mismatch in {', '.join(bad[:5])}: the checkpoint is corrupt. Restore an earlier one."
         )
-    want = {}
     if target is not None:
-        for p, node in adapter_items(target).items():
-            for f, x in _fields(node).items():
-                want[f"{p}/{f}"] = jnp.dtype(x.dtype)
-    out = {}
-    for p, entry in adapters.items():
-        arr = {f: flat[f"{p}/{f}"] for f in entry["arrays"]}
-        arr = {f: x.astype(want[f"{p}/{f}"]) if f"{p}/{f}" in want else x for f, x in arr.items()}
-        if entry["type"] == "lora":
-            out[p] = LoraWeights(arr["a"], arr["b"], scale=entry["scale"], layout=entry["layout"], kind=entry["kind"])
-        else:
-            out[p] = Trainable(arr["value"])
+        wanted = _flat_arrays(target)
+        flat = {k: x.astype(wanted[k].dtype) if k in wanted else x for k, x in flat.items()}
+    out = {p: decode(entry, {f: flat[f"{p}/{f}"] for f in entry["arrays"]}, p) for p, entry in adapters.items()}
+    shared = {k.partition("/")[2]: x for k, x in flat.items() if k.startswith(f"{SHARED}/")}
+    if shared:
+        out[SHARED] = shared
     return nest(dict(sorted(out.items()))), saved_spec
 
 
@@ -375,7 +378,7 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
       >>> spec = LoraSpec(rank=2, targets=["dense"])
       >>> lora = init_lora(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 3))}}, spec)
       >>> meta = read_adapter_meta(save_adapter(os.path.join(tempfile.mkdtemp(), "a"), lora, spec))
-      >>> meta["adapters"]["dense/kernel"]["layout"], meta["spec"]["rank"]
+      >>> meta["adapters"]["dense/kernel"]["meta"]["layout"], meta["spec"]["rank"]
       ('io', 2)
     """
     return _read_meta(pathlib.Path(path).absolute())

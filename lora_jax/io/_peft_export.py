@@ -37,7 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax.adapters._nodes import Trainable
+from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.adapters._tree import adapter_items
 from lora_jax.io._files import replace_dir, sync_processes
 from lora_jax.io._peft_names import (
     CONFIG,
@@ -55,7 +56,6 @@ from lora_jax.io._peft_names import (
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets import _layout
 from lora_jax.targets._select import _first, selector_matches
-from lora_jax.transforms._apply import adapter_items
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -198,7 +198,13 @@ def export_peft(
         owner[name] = p
 
     for p, node in adapter_items(lora).items():
-        if isinstance(node, Trainable):
+        if type(node) not in (LoraWeights, Trainable):  # PEFT names per node type: each variant brings its own
+            raise TypeError(
+                f"{p}: export_peft has no PEFT codec for {type(node).__name__} nodes; it writes LoraWeights "
+                f"(lora_A/lora_B) and Trainable (modules_to_save) nodes. Merge this adapter instead, or export "
+                f"the other nodes alone."
+            )
+        if type(node) is Trainable:
             name = module_name(name_map, p)
             key, value = _trainable_tensor(p, to_host(node.value), spec, conv)
             claim(f"{name}.{key}", p)

@@ -248,6 +248,7 @@ def import_peft(
             f"{', '.join(unknown[:6])}. lora_jax imports plain LoRA adapters (no DoRA, no LoRA biases)."
         )
     r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
+    dropout = float(config.get("lora_dropout") or 0.0)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
     out: dict[str, Any] = {}
@@ -304,7 +305,9 @@ def import_peft(
         a = np.stack([g[0] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][0].shape)
         b = np.stack([g[1] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][1].shape)
         scale = lora_scale(r, alpha, rslora=rslora)
-        out[p] = LoraWeights(jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop())
+        out[p] = LoraWeights(
+            jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop(), dropout=dropout
+        )
         used.update(names.values())
         ranks[p], alphas[p], layouts[p] = r, alpha, layout
     full_used: set[tuple[str, str]] = set()
@@ -335,7 +338,7 @@ def import_peft(
         )
     if not out:
         raise ValueError(f"{path}: the PEFT adapter is empty.")
-    dtype = next((x.a.dtype for x in out.values() if isinstance(x, LoraWeights)), jnp.float32)
+    dtype = next((x.a.dtype for x in out.values() if type(x) is LoraWeights), jnp.float32)
     spec = LoraSpec(
         rank=r0,
         alpha=alpha0,
@@ -345,7 +348,7 @@ def import_peft(
         rslora=rslora,
         axes={_exact(p): lay for p, lay in layouts.items() if lay != "io"},
         trainable="|".join(re.escape(p) for p in sorted(trainable)) or None,
-        dropout=float(config.get("lora_dropout") or 0.0),
+        dropout=dropout,
         dtype=jnp.dtype(dtype).name,
     )
     return nest(dict(sorted(out.items()))), spec

@@ -15,13 +15,15 @@ So a column-parallel kernel ``(d, ff)`` with ``P(None, "model")`` gets
 ``(ff, d)`` with ``P("model", None)`` gets ``A: P("model", None)`` and
 ``B: P(None, None)``: ``x @ A`` and ``(x @ A) @ B`` then need the same
 collectives as ``x @ W``, and no device holds more of an adapter than its part.
-:func:`init_lora_sharded` creates the adapters under ``jax.jit`` with these
+:func:`lora_jax.init_lora` on sharded params (and :func:`init_lora_sharded`, given the
+shardings apart from the params) creates the adapters under ``jax.jit`` with these
 ``out_shardings``, so they are born sharded (no full copy on any device, no
 later ``device_put``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
@@ -29,8 +31,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from lora_jax.adapters._init import init_lora
-from lora_jax.adapters._nodes import LoraWeights, Trainable, is_adapter
+from lora_jax.adapters._init import init_unsharded
+from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape
+from lora_jax.adapters._tree import adapter_items, shared_section
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 from lora_jax.targets._select import resolve
@@ -97,30 +100,38 @@ def _trimmed(entries: list[Any]) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
-def _derive_one(path: str, base: Any, node: Any, mesh: Any) -> Any:
-    if isinstance(node, Trainable):
-        if isinstance(base, PartitionSpec) and mesh is not None:
-            base = NamedSharding(mesh, base)
-        return Trainable(base)
+def field_entries(template: str, entries: list[Any], layout: str) -> list[Any]:
+    """The partition entries of one adapter array from its axes template (see ``field_axes``)."""
+    pick = lambda letter: [e for e, c in zip(entries, layout, strict=True) if c == letter]  # noqa: E731
+    groups = {"B": pick("b"), "I": pick("i"), "O": pick("o"), "K": list(entries), "r": [None]}
+    return [e for letter in template for e in groups[letter]]
+
+
+def _derive_one(path: str, base: Any, node: Any, shared: Any, mesh: Any) -> Any:
+    low = lowered_shape(node, shared, path)
+    layout = getattr(low, "layout", None) or "o" * len(low.kernel_shape)  # a Replace has the kernel's own axes
+    templates = check_field_axes(node, path)
     if base is None:
-        return LoraWeights(a=None, b=None, scale=node.scale, layout=node.layout, kind=node.kind)
+        return dataclasses.replace(node, **{f: None for f in templates})
     if isinstance(base, PartitionSpec):
-        sa, sb = adapter_partition_specs(base, node.layout, path=path)
-        if mesh is not None:
-            sa, sb = NamedSharding(mesh, sa), NamedSharding(mesh, sb)
+        entries, wrap = (
+            _entries(path, base, layout),
+            ((lambda p: NamedSharding(mesh, p)) if mesh is not None else (lambda p: p)),
+        )
     elif isinstance(base, NamedSharding):
-        pa, pb = adapter_partition_specs(base.spec, node.layout, path=path)
-        sa = NamedSharding(base.mesh, pa, memory_kind=base.memory_kind)
-        sb = NamedSharding(base.mesh, pb, memory_kind=base.memory_kind)
+        entries = _entries(path, base.spec, layout)
+        wrap = lambda p: NamedSharding(base.mesh, p, memory_kind=base.memory_kind)  # noqa: E731
     elif base.is_fully_replicated:
-        sa = sb = base  # e.g. SingleDeviceSharding: the adapter lives where the kernel lives
+        return dataclasses.replace(node, **{f: base for f in templates})  # the adapter lives where the kernel lives
     else:
         raise TypeError(
             f"{path}: the base kernel has a {type(base).__name__}, which does not name its partitioned "
             f"axes; adapter shardings are derived from a NamedSharding or a PartitionSpec. Shard the "
             f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
         )
-    return LoraWeights(a=sa, b=sb, scale=node.scale, layout=node.layout, kind=node.kind)
+    return dataclasses.replace(
+        node, **{f: wrap(_trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}
+    )
 
 
 def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:
@@ -168,13 +179,9 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       (P('model',), P())
     """
     flat = flatten_with_paths(shardings, is_leaf=_is_sharding_leaf)
-
-    def one(path: str, node: Any) -> Any:
-        if not is_adapter(node):
-            raise TypeError(
-                f"{path}: expected an adapter tree of LoraWeights / Trainable nodes (as made by init_lora); "
-                f"found {type(node).__name__}."
-            )
+    shared = shared_section(lora)
+    out: dict[str, Any] = {}
+    for path, node in adapter_items(lora).items():
         if path not in flat:
             near = difflib.get_close_matches(path, list(flat), n=3, cutoff=0.0)
             raise ValueError(
@@ -183,16 +190,25 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
                 f"adapter was made for."
             )
         base = _base_sharding(path, flat[path])
-        if isinstance(flat[path], (jax.Array, jax.ShapeDtypeStruct)) and tuple(flat[path].shape) != tuple(
-            node.kernel_shape
-        ):
+        kernel_shape = tuple(lowered_shape(node, shared, path).kernel_shape)
+        if isinstance(flat[path], (jax.Array, jax.ShapeDtypeStruct)) and tuple(flat[path].shape) != kernel_shape:
             raise ValueError(
-                f"{path}: the adapter fits a kernel of shape {tuple(node.kernel_shape)}, but the base leaf "
+                f"{path}: the adapter fits a kernel of shape {kernel_shape}, but the base leaf "
                 f"has shape {tuple(flat[path].shape)}; the adapter was made for other params."
             )
-        return _derive_one(path, base, node, mesh)
+        out[path] = _derive_one(path, base, node, shared, mesh)
+    result = map_with_paths(lambda p, x: out[p] if is_adapter(x) else x, _body(lora), is_leaf=is_adapter)
+    if shared:  # shared frozen arrays are replicated over the mesh the adapters live on
+        meshes = [s.mesh for s in jax.tree_util.tree_leaves(list(out.values())) if isinstance(s, NamedSharding)]
+        mesh = mesh or (meshes[0] if meshes else None)
+        result[SHARED] = jax.tree_util.tree_map(
+            lambda _: None if mesh is None else NamedSharding(mesh, PartitionSpec()), lora[SHARED]
+        )
+    return result
 
-    return map_with_paths(one, lora, is_leaf=is_adapter)
+
+def _body(lora: Any) -> Any:
+    return {k: v for k, v in lora.items() if k != SHARED}
 
 
 def _abstract(path: str, leaf: Any) -> jax.ShapeDtypeStruct:
@@ -209,7 +225,11 @@ def init_lora_sharded(
     shardings: Any = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Any:
-    """:func:`lora_jax.init_lora`, with every adapter created already sharded.
+    """:func:`lora_jax.init_lora`, with every adapter created already sharded, from given shardings.
+
+    :func:`lora_jax.init_lora` does this by itself when the params carry
+    shardings; call this one to give the base shardings separately
+    (``shardings=``, ``mesh=``), e.g. for unplaced ``ShapeDtypeStruct`` params.
 
     The adapters are made under ``jax.jit`` with ``out_shardings`` from
     :func:`adapter_shardings`, so each device computes and holds only its part:
@@ -266,7 +286,7 @@ def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> 
 
     def make(key: jax.Array, values: dict[str, jax.Array]) -> Any:
         full = map_with_paths(lambda path, x: values.get(path, x), abstract)
-        return init_lora(key, full, spec)
+        return init_unsharded(key, full, spec)
 
     abstract_lora = jax.eval_shape(make, jax.ShapeDtypeStruct((), jax.random.key(0).dtype), values)
     out = adapter_shardings(params if shardings is None else shardings, abstract_lora, mesh=mesh)

@@ -82,7 +82,12 @@ class LoraSpec:
       trainable: leaves trained in full (PEFT's ``modules_to_save``, e.g. a
         classifier head), written like ``targets``. Takes precedence over
         ``targets``.
-      dropout: LoRA dropout rate on the adapter input (used in factored mode).
+      dropout: LoRA dropout rate on the adapter input. Every adapter records
+        it; :func:`lora_jax.factored` applies it when given a ``dropout_rng``
+        (and raises without one unless told the call is deterministic);
+        :func:`lora_jax.apply_lora` is the deterministic path.
+      freeze_a: LoRA-FA: A stays at its random init and only B trains. A is a
+        frozen array of the adapter (see :func:`lora_jax.split`).
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -104,6 +109,7 @@ class LoraSpec:
     axes: Any = ()
     trainable: Selector = None
     dropout: float = 0.0
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -166,7 +172,13 @@ class LoraSpec:
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraSpec(dropout=...) must be in [0, 1); found {self.dropout!r}.")
         put("dropout", float(self.dropout))
-        put("rslora", bool(self.rslora))
+        for name in ("rslora", "freeze_a"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(
+                    f"LoraSpec({name}=...) must be True or False; found {type(getattr(self, name)).__name__} "
+                    f"{getattr(self, name)!r} (a string such as 'false' is not read as a bool)."
+                )
+            put(name, bool(getattr(self, name)))
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """The update scale for one kernel: ``alpha/r``, or ``alpha/sqrt(r)`` with rslora."""

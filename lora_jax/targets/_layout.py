@@ -22,9 +22,6 @@ from __future__ import annotations
 import math
 import string
 
-import jax
-import jax.numpy as jnp
-
 LAYOUT_LETTERS = frozenset("bio")
 
 
@@ -98,13 +95,3 @@ def delta_equation(layout: str) -> str:
     ins = "".join(n for n, c in zip(names, layout, strict=True) if c == "i")
     outs = "".join(n for n, c in zip(names, layout, strict=True) if c == "o")
     return f"{batch}{ins}z,{batch}z{outs}->{''.join(names)}"
-
-
-def low_rank_product(layout: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``A @ B`` in float32 at full precision, in the kernel's axis order."""
-    return jnp.einsum(
-        delta_equation(layout),
-        a.astype(jnp.float32),
-        b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )

@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.adapters._nodes import is_adapter
+from lora_jax.adapters import _lowered
+from lora_jax.adapters._tree import adapter_items, lowered_items
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 
 
-def adapter_items(lora: Any) -> dict[str, Any]:
-    """The adapter nodes of an adapter tree, keyed by parameter path.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from lora_jax import LoraWeights
-      >>> lora = {"dense": {"kernel": LoraWeights(jnp.ones((3, 1)), jnp.ones((1, 2)))}}
-      >>> list(adapter_items(lora))
-      ['dense/kernel']
-    """
-    items = flatten_with_paths(lora, is_leaf=is_adapter)
-    for path, node in items.items():
-        if not is_adapter(node):
-            raise TypeError(
-                f"{path}: an adapter tree holds LoraWeights or Trainable nodes (as made by init_lora); "
-                f"found {type(node).__name__}. Pass the adapter tree as the second argument."
-            )
-    return items
-
-
-def _check_shapes(path: str, leaf: Any, node: Any) -> None:
+def _check_shapes(path: str, leaf: Any, node: Any) -> None:  # node: a lowered form
     shape = tuple(getattr(leaf, "shape", ()))
     if not hasattr(leaf, "shape") or shape != node.kernel_shape:
         raise ValueError(
@@ -45,7 +26,12 @@ def _check_shapes(path: str, leaf: Any, node: Any) -> None:
 
 
 def _transform(params: Any, lora: Any, op: Callable[[Any, Any], Any]) -> Any:
-    items = adapter_items(lora)
+    if not isinstance(lora, Mapping):
+        raise TypeError(
+            f"the adapter tree must be a dict of adapter nodes as made by init_lora (or load_adapter/import_peft); "
+            f"found {type(lora).__name__}. Call apply_lora(params, lora) with the adapter tree second."
+        )
+    items = lowered_items(lora)
     flat = flatten_with_paths(params)
     missing = [p for p in items if p not in flat]
     if missing:
@@ -71,9 +57,17 @@ def _transform(params: Any, lora: Any, op: Callable[[Any, Any], Any]) -> Any:
 def apply_lora(params: Any, lora: Any) -> Any:
     """The effective parameters: every adapted leaf replaced by ``W + scale * A @ B``.
 
-    Pure and jit-able; ``params`` is not modified. The update is computed in
-    float32 and cast to each base leaf's dtype once. Leaves trained in full
-    (:class:`Trainable`) replace their base leaf.
+    Pure and jit-able; ``params`` is not modified. Every adapter node is
+    lowered to its low-rank form (see :mod:`lora_jax.adapters._lowered`); the
+    update is computed in float32 (float64 for a float64 base) and cast to
+    each base leaf's dtype once. Leaves trained in full (:class:`Trainable`)
+    replace their base leaf. Frozen arrays (``lora_jax.split``) enter through
+    ``stop_gradient``, so differentiating the result never computes their
+    gradient.
+
+    This is the deterministic path: LoRA dropout (``LoraSpec(dropout=...)``,
+    recorded in each adapter) is not applied here. Train with dropout through
+    :func:`lora_jax.factored` with a ``dropout_rng``.
 
     Args:
       params: the base parameter pytree.
@@ -103,15 +97,14 @@ def _is_tracing(tree: Any) -> bool:
 
 
 @jax.jit
-def _finite(ws: dict, nodes: dict) -> dict:
+def _finite(ws: dict, lora: dict) -> dict:
     # Module level, so jax.jit's cache is reused across calls (a jit made per call recompiles every time).
-    return {p: jnp.all(jnp.isfinite(n.apply_to(ws[p]).astype(jnp.float32))) for p, n in nodes.items()}
+    return {p: jnp.all(jnp.isfinite(_lowered.apply_to(n, ws[p]))) for p, n in lowered_items(lora).items()}
 
 
 def _check_finite(params: Any, lora: Any) -> None:
-    items = adapter_items(lora)
     flat = flatten_with_paths(params)
-    ok = jax.device_get(_finite({p: flat[p] for p in items}, items))
+    ok = jax.device_get(_finite({p: flat[p] for p in adapter_items(lora)}, lora))
     bad = [p for p, v in ok.items() if not v]
     if bad:
         raise ValueError(
@@ -120,27 +113,24 @@ def _check_finite(params: Any, lora: Any) -> None:
         )
 
 
-def _apply_op(node: Any, w: Any) -> Any:
-    return node.apply_to(w)
-
-
-def _remove_op(node: Any, w: Any) -> Any:
-    return node.remove_from(w)
+_apply_op, _remove_op = _lowered.apply_to, _lowered.remove_from
 
 
 @functools.cache
 def _jitted(op: Callable, donate: bool) -> Callable:
     """One jitted merge per (op, donate), so repeated merges of same-shaped trees reuse the compilation."""
-    return jax.jit(lambda ws, nodes: {p: op(n, ws[p]) for p, n in nodes.items()}, donate_argnums=(0,) if donate else ())
+    return jax.jit(
+        lambda ws, lora: {p: op(n, ws[p]) for p, n in lowered_items(lora).items()},
+        donate_argnums=(0,) if donate else (),
+    )
 
 
 def _merge_like(params: Any, lora: Any, op: Callable, donate: bool) -> Any:
-    items = adapter_items(lora)
     jax.eval_shape(lambda p, lo: _transform(p, lo, op), params, lora)  # validate paths and shapes first
     flat = flatten_with_paths(params)
     if _is_tracing((params, lora)):
         donate = False
-    merged = _jitted(op, donate)({p: flat[p] for p in items}, items)
+    merged = _jitted(op, donate)({p: flat[p] for p in lowered_items(lora)}, lora)
     return map_with_paths(lambda p, w: merged.get(p, w), params)
 
 

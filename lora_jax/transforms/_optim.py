@@ -2,47 +2,77 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import optax
 
-from lora_jax.adapters._nodes import is_adapter
+from lora_jax.adapters._nodes import Trainable
+from lora_jax.adapters._registry import SHARED, frozen_fields, is_adapter
+from lora_jax.targets._paths import map_with_paths
 from lora_jax.targets._select import TRAINABLE
 
 _TRAIN, _FREEZE = "train", "freeze"
 
 
-def _labels(tree: Any, labels: Any) -> Any:
-    def node_labels(x: Any) -> Any:
+def _node_labels(node: Any) -> Any:
+    """The node with each array field labelled: train, or freeze for its frozen fields."""
+    frozen = set(frozen_fields(node))
+    return jax.tree_util.tree_map_with_path(lambda kp, _: _FREEZE if kp[0].name in frozen else _TRAIN, node)
+
+
+def _adapter_labels(tree: Any) -> Any:
+    def one(x: Any) -> Any:
         if is_adapter(x):
-            return jax.tree_util.tree_map(lambda _: _TRAIN, x)
+            return _node_labels(x)
         return _FREEZE
 
-    out = jax.tree_util.tree_map(node_labels, tree, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map(one, tree, is_leaf=is_adapter)
+    if isinstance(tree, Mapping) and SHARED in tree:  # the shared section is frozen by definition
+        out = {**out, SHARED: jax.tree_util.tree_map(lambda _: _FREEZE, tree[SHARED])}
+    return out
+
+
+def _has_copy(lora: Any) -> set[str]:
+    """Paths that an adapter tree trains as a full copy (:class:`Trainable`)."""
+    found: set[str] = set()
+    map_with_paths(lambda p, x: found.add(p) if type(x) is Trainable else None, lora, is_leaf=is_adapter)
+    return found
+
+
+def _labels(tree: Any, labels: Any) -> Any:
+    out = _adapter_labels(tree)
     if labels is None:
         return out
 
-    def relabel(sub_out: Any, sub_labels: Any) -> Any:
+    def relabel(sub_out: Any, sub_labels: Any, copies: set[str]) -> Any:
+        # a base leaf labelled "trainable" whose trained copy (a Trainable node) is optimized too stays frozen:
+        # the copy is what apply_lora uses, and training both would also decay the unused base leaf
+        paths = map_with_paths(lambda p, _: p, sub_labels, is_leaf=lambda x: isinstance(x, str))
         return jax.tree_util.tree_map(
-            lambda lab, given: _TRAIN if lab == _TRAIN or given == TRAINABLE else _FREEZE,
+            lambda lab, given, path: (
+                _TRAIN if lab == _TRAIN or (given == TRAINABLE and path not in copies) else _FREEZE
+            ),
             sub_out,
             sub_labels,
+            paths,
             is_leaf=lambda x: isinstance(x, str),
         )
 
     structure = jax.tree_util.tree_structure(labels)
     if jax.tree_util.tree_structure(tree, is_leaf=is_adapter) == structure:
-        return relabel(out, labels)
+        return relabel(out, labels, set())
     # A container such as (params, lora): the labels apply to the element with the params' structure.
     if isinstance(tree, (tuple, list)):
         matches = [
             k for k, sub in enumerate(tree) if jax.tree_util.tree_structure(sub, is_leaf=is_adapter) == structure
         ]
         if matches:
+            copies = set().union(*(_has_copy(sub) for k, sub in enumerate(tree) if k not in matches))
             parts = list(out)
             for k in matches:
-                parts[k] = relabel(out[k], labels)
+                parts[k] = relabel(out[k], labels, copies)
             return type(out)(parts) if isinstance(out, list) else tuple(parts)
     raise ValueError(
         "only_adapters(labels=...): the labels (from partition(params, spec)) have the structure of params, "
@@ -52,14 +82,18 @@ def _labels(tree: Any, labels: Any) -> Any:
 
 
 def only_adapters(tx: optax.GradientTransformation, *, labels: Any = None) -> optax.GradientTransformation:
-    """Wrap ``tx`` so it updates adapter leaves only, with no state for the rest.
+    """Wrap ``tx`` so it updates trainable adapter arrays only, with no state for the rest.
 
-    Leaves inside adapter nodes (:class:`LoraWeights`, :class:`Trainable`) are
-    updated by ``tx``; every other leaf gets a zero update and no optimizer state
-    (``optax.multi_transform`` stores ``optax.MaskedNode`` for it). Use it when
-    the optimized tree mixes base and adapter leaves, e.g. ``(params, lora)``.
-    With ``labels=partition(params, spec)`` it also trains the base leaves
-    labelled ``"trainable"``. On the adapter tree alone it is ``tx`` itself.
+    Arrays inside adapter nodes (:class:`LoraWeights`, :class:`Trainable`, or a
+    registered variant) are updated by ``tx``, except the node's frozen arrays
+    (LoRA-FA's A) and the shared section; every other leaf gets a zero update
+    and no optimizer state (``optax.multi_transform`` stores
+    ``optax.MaskedNode`` for it), so weight decay never reaches a frozen array.
+    Use it when the optimized tree mixes base and adapter leaves, e.g.
+    ``(params, lora)``, or holds frozen arrays. With
+    ``labels=partition(params, spec)`` it also trains the base leaves labelled
+    ``"trainable"``, except those whose trained copy (a :class:`Trainable`)
+    is in the optimized tree: the copy trains, the base leaf stays as it is.
 
     Args:
       tx: any optax transformation, e.g. ``optax.adamw(1e-3)``.
@@ -77,5 +111,8 @@ def only_adapters(tx: optax.GradientTransformation, *, labels: Any = None) -> op
       >>> state = tx.init((params, lora))
       >>> sum(x.size for x in jax.tree_util.tree_leaves(state))  # adam's mu and nu for A and B, + count
       29
+      >>> fa = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], freeze_a=True))
+      >>> sum(x.size for x in jax.tree_util.tree_leaves(tx.init(fa)))  # mu and nu for B only, + count
+      13
     """
     return optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, lambda tree: _labels(tree, labels))

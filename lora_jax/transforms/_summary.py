@@ -6,12 +6,17 @@ import dataclasses
 import math
 from typing import Any
 
-from lora_jax.adapters._nodes import LoraWeights
-from lora_jax.targets._paths import flatten_with_paths
-from lora_jax.transforms._apply import adapter_items
+import jax
+
+from lora_jax.adapters._lowered import LowRank
+from lora_jax.adapters._registry import arrays_of, frozen_fields, lowered_shape, node_type
+from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.targets._paths import flatten_with_paths, is_base_leaf
 
 
 def _nbytes(x: Any) -> int:
+    if is_base_leaf(x):  # a quantized base leaf: the bytes it stores, not those of its logical shape
+        return sum(_nbytes(leaf) for leaf in jax.tree_util.tree_leaves(x))
     return math.prod(x.shape) * x.dtype.itemsize  # not jnp.dtype(...): PRNG key leaves (nnx.Rngs) have extended dtypes
 
 
@@ -28,6 +33,7 @@ class SummaryRow:
     adapter_shapes: str
     params: int
     bytes: int
+    frozen_params: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +56,12 @@ class Summary:
     base_bytes: int
     trainable_params: int
     trainable_bytes: int
+    frozen_params: int = 0
 
     @property
     def total_params(self) -> int:
-        """Base plus adapter parameters, full copies included (PEFT's "all params")."""
-        return self.base_params + sum(r.params for r in self.rows)
+        """Base plus adapter parameters, full copies and frozen adapter arrays included (PEFT's "all params")."""
+        return self.base_params + self.trainable_params + self.frozen_params
 
     @property
     def trainable_percent(self) -> float:
@@ -84,6 +91,7 @@ class Summary:
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
             f"trainable%: {self.trainable_percent:.4f} || adapter bytes: {self.trainable_bytes:,} "
             f"|| base bytes: {self.base_bytes:,}"
+            + (f" || frozen adapter params: {self.frozen_params:,}" if self.frozen_params else "")
         )
         return "\n".join(lines)
 
@@ -110,27 +118,31 @@ def summary(params: Any, lora: Any) -> Summary:
       trainable params: 48 || all params: 184 || trainable%: 26.0870 || adapter bytes: 192 || base bytes: 544
     """
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
-    rows = []
-    for path, node in adapter_items(lora).items():
-        if isinstance(node, LoraWeights):
-            rows.append(
-                SummaryRow(
-                    path, node.kind, node.kernel_shape, node.layout, node.rank, node.scale,
-                    f"A{tuple(node.a.shape)} B{tuple(node.b.shape)}",
-                    node.a.size + node.b.size, _nbytes(node.a) + _nbytes(node.b),
-                )
-            )  # fmt: skip
-        else:
-            rows.append(
-                SummaryRow(
-                    path, "trainable", node.kernel_shape, "-", None, None, "full copy",
-                    math.prod(node.kernel_shape), _nbytes(node.value),
-                )
-            )  # fmt: skip
+    shared = shared_section(lora)
+    rows = [_row(path, node, shared) for path, node in adapter_items(lora).items()]
+    shared_arrays = [x for x in jax.tree_util.tree_leaves(shared) if hasattr(x, "shape")]
     return Summary(
         rows=tuple(rows),
         base_params=sum(math.prod(x.shape) for x in flat.values()),
         base_bytes=sum(_nbytes(x) for x in flat.values()),
         trainable_params=sum(r.params for r in rows),
         trainable_bytes=sum(r.bytes for r in rows),
+        frozen_params=sum(r.frozen_params for r in rows) + sum(math.prod(x.shape) for x in shared_arrays),
     )
+
+
+def _row(path: str, node: Any, shared: dict[str, Any]) -> SummaryRow:
+    low = lowered_shape(node, shared, path)
+    frozen = set(frozen_fields(node))
+    arrays = arrays_of(node)
+    train = [x for f, x in arrays.items() if f not in frozen]
+    n_frozen = sum(math.prod(x.shape) for f, x in arrays.items() if f in frozen)
+    count, nbytes = sum(math.prod(x.shape) for x in train), sum(_nbytes(x) for x in train)
+    if not isinstance(low, LowRank):
+        return SummaryRow(path, "trainable", low.kernel_shape, "-", None, None, "full copy", count, nbytes, n_frozen)
+    shapes = " ".join(
+        f"{f.upper() if len(f) == 1 else f}{tuple(x.shape)}{' frozen' if f in frozen else ''}"
+        for f, x in arrays.items()
+    )
+    kind = low.kind if node_type(node).name == "lora" else f"{node_type(node).name} ({low.kind})"
+    return SummaryRow(path, kind, low.kernel_shape, low.layout, low.rank, low.scale, shapes, count, nbytes, n_frozen)

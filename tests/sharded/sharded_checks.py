@@ -175,7 +175,7 @@ def assert_shardings(tree: Any, expected: Any, what: str) -> None:
 
 def sharded_setup(mesh: jax.sharding.Mesh, params: Any, spec: lora_jax.LoraSpec) -> tuple:
     params_sh = shard(params, mesh, base_specs(params))
-    lora = lora_jax.init_lora_sharded(jax.random.key(2), params_sh, spec)
+    lora = lora_jax.init_lora(jax.random.key(2), params_sh, spec)  # sharded params: adapters born sharded
     return params_sh, lora, lora_jax.adapter_shardings(params_sh, lora)
 
 
@@ -210,6 +210,9 @@ def check_init() -> None:
         params = init_params(cfg)
         params_sh, lora, derived = sharded_setup(mesh, params, spec)
         assert_shardings(lora, derived, f"init(scan={scan})")
+        explicit = lora_jax.init_lora_sharded(jax.random.key(2), params_sh, spec)
+        assert_shardings(explicit, derived, f"init_lora_sharded(scan={scan})")
+        assert_trees_close(explicit, lora, "init_lora_sharded vs init_lora", 0, 0)
         single = jax.jit(lambda key, params=params, spec=spec: lora_jax.init_lora(key, params, spec))
         assert_trees_close(lora, single(jax.random.key(2)), "init values vs single-device jit", 0, 0)
         # the closed form of the derived specs for megatron-style sharding
@@ -240,7 +243,7 @@ def check_init() -> None:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)), params, base_specs(params)
     )
     spec = lora_spec(cfg, trainable=False)
-    lora = lora_jax.init_lora_sharded(jax.random.key(2), abstract, spec)
+    lora = lora_jax.init_lora(jax.random.key(2), abstract, spec)
     assert_shardings(lora, lora_jax.adapter_shardings(abstract, lora), "init from ShapeDtypeStructs")
     assert_trees_close(lora, lora_jax.init_lora(jax.random.key(2), params, spec), "abstract init values", 3e-7, 0)
     print("OK init abstract")
