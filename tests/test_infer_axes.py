@@ -372,3 +372,14 @@ def test_export_with_fan_in_fan_out_refuses_a_kernel_trained_in_full(tmp_path):
     lora = init_lora(jax.random.key(1), params, spec)
     with pytest.raises(ValueError, match=r"c_proj/kernel: a kernel trained in full .* fan_in_fan_out=True"):
         lora_jax.export_peft(tmp_path / "a", lora, spec, fan_in_fan_out=True)
+
+
+def test_nnx_state_paths_match_the_paths_lora_jax_resolves():
+    from _small_models import NnxMLP
+    from flax import nnx
+
+    graphdef, state = nnx.split(NnxMLP(11, D, 16, rngs=nnx.Rngs(0)))  # its state holds PRNG keys too
+    axes = infer_axes(lambda s, t: nnx.merge(graphdef, s)(t), state, jnp.zeros((2, 3), jnp.int32))
+    assert axes == {"embed/embedding": "io", "head/kernel": "io", "hidden/kernel": "io"}
+    lora = init_lora(jax.random.key(0), state, LoraSpec(rank=2, targets=["hidden", "embed"], axes=axes))
+    assert set(lora_jax.adapter_items(lora)) == {"embed/embedding", "hidden/kernel"}
