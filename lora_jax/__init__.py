@@ -35,6 +35,7 @@ from lora_jax.parallel._sharding import optimizer_shardings as optimizer_shardin
 from lora_jax.spec._json import spec_from_json as spec_from_json
 from lora_jax.spec._json import spec_to_json as spec_to_json
 from lora_jax.spec._spec import LoraSpec as LoraSpec
+from lora_jax.targets._infer import infer_axes as infer_axes
 from lora_jax.targets._select import partition as partition
 from lora_jax.transforms._apply import apply_lora as apply_lora
 from lora_jax.transforms._apply import merge as merge

@@ -18,6 +18,13 @@ Layouts (how a flax kernel corresponds to the torch module):
 * ``"iiio"`` Conv ``(kh, kw, in, out)`` <-> ``nn.Conv2d(in, out, (kh, kw))``,
   weight ``kernel.transpose(3, 2, 0, 1)``; ``lora_A (r, in, kh, kw)``,
   ``lora_B (out, r, 1, 1)`` (``conv=`` selects which kernels are convolutions).
+* a 2-D kernel stored ``(out, in)`` (``"oi"``, e.g. Hugging Face Flax's
+  ``FlaxConv1D``, used as ``x @ kernel.T``) <-> ``nn.Linear(in, out)`` or
+  transformers' ``Conv1D`` (weight ``(in, out)``; export with
+  ``fan_in_fan_out=True``); ``lora_A (r, in)``, ``lora_B (out, r)`` either way.
+  A 2-D kernel without a layout in ``LoraSpec(axes=...)`` is taken as
+  ``"io"``: get ``(out, in)`` kernels' layouts from
+  :func:`lora_jax.infer_axes`.
 * embeddings ``(num, dim)`` <-> ``nn.Embedding``: ``lora_embedding_A (r, num)``,
   ``lora_embedding_B (dim, r)``.
 * stacked-layer axes ``"b"``: one module per layer index (see
@@ -131,6 +138,7 @@ def export_peft(
     name_map: NameMap = None,
     conv: Any = "auto",
     base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
@@ -153,6 +161,10 @@ def export_peft(
       conv: which kernels are convolutions: ``"auto"`` (layout ``"iiio"``, a
         Conv2D), None, or a selector like ``LoraSpec(targets=...)``.
       base_model_name_or_path: written to the config (e.g. a Hub model id).
+      fan_in_fan_out: PEFT's flag for torch modules that store their weight
+        ``(in, out)``: True when the adapted torch modules are transformers'
+        ``Conv1D`` (GPT-2 style), False for ``nn.Linear``. ``lora_A`` and
+        ``lora_B`` are the same either way; PEFT reads the flag to merge.
       overwrite: replace an existing adapter directory.
 
     Returns:
@@ -161,7 +173,8 @@ def export_peft(
     Raises:
       ValueError: if a stacked kernel's module name does not place the layer
         index, two adapters map to one module name, or a leaf trained in full
-        has no torch equivalent.
+        has no torch equivalent, or a kernel trained in full is exported with
+        ``fan_in_fan_out=True`` (which weight layout its torch module has is unknown).
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
 
     Example:
@@ -205,6 +218,12 @@ def export_peft(
                 f"the other nodes alone."
             )
         if type(node) is Trainable:
+            if fan_in_fan_out and p.rpartition("/")[2] == "kernel":
+                raise ValueError(
+                    f"{p}: a kernel trained in full is written as an nn.Linear weight (out, in), but "
+                    f"fan_in_fan_out=True says the torch modules are Conv1D (in, out); which one this module is "
+                    f"is unknown. Export it without fan_in_fan_out, or leave it out of LoraSpec(trainable=...)."
+                )
             name = module_name(name_map, p)
             key, value = _trainable_tensor(p, to_host(node.value), spec, conv)
             claim(f"{name}.{key}", p)
@@ -242,7 +261,7 @@ def export_peft(
         },
         "lora_dropout": spec.dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "modules_to_save": saved_modules or None,
         "init_lora_weights": True,
         "use_dora": False,

@@ -8,7 +8,9 @@ Matching rules (documented on :class:`lora_jax.LoraSpec`):
   keys joined by "/" (``"attention/query"``);
 * a callable gets ``(path, leaf)`` and returns a bool;
 * pattern dicts (``rank_pattern``, ``alpha_pattern``, ``axes``) use both the
-  regex and the name rule; the first matching key wins.
+  regex and the name rule; a key equal to a leaf's full path wins for that
+  leaf (so the literal paths of :func:`lora_jax.infer_axes` match themselves
+  even when they hold regex characters), else the first matching key wins.
 """
 
 from __future__ import annotations
@@ -115,27 +117,38 @@ def is_output_head(path: str) -> bool:
 
 def _first(patterns: tuple, path: str, default: Any) -> Any:
     for key, value in patterns:
+        if key == path:
+            return value
+    for key, value in patterns:
         if pattern_matches(key, path):
             return value
     return default
 
 
-def _layout_for(path: str, shape: tuple[int, ...], spec: LoraSpec) -> str:
+def _layout_for(path: str, shape: tuple[int, ...], spec: LoraSpec) -> str | None:
+    """The kernel's layout from ``spec.axes`` (2-D kernels default to Dense's ``"io"``); None if ambiguous."""
     layout = _first(spec.axes, path, None)
     if layout is None:
-        if len(shape) == 2:
-            return "io"
-        raise ValueError(
-            f"{path}: kernel of shape {shape} has {len(shape)} axes, so which are input, output or "
-            f"stacked-layer axes is ambiguous. Give its layout in LoraSpec(axes={{pattern: layout}}), "
-            f"one letter per axis: 'i' input, 'o' output, 'b' stacked layer. For example "
-            f"axes={{{path.rpartition('/')[0].rpartition('/')[2] or path!r}: "
-            f"{'ioo' if len(shape) == 3 else 'iiio'!r}}}; 'ioo' for (d_model, heads, head_dim), "
-            f"'iio' for (heads, head_dim, d_model), 'iiio' for Conv2D (kh, kw, in, out), "
-            f"'bio' for an nn.scan-stacked Dense (layers, in, out)."
-        )
+        return "io" if len(shape) == 2 else None
     _layout.check_layout(layout, shape, path)
     return layout
+
+
+def _ambiguous_error(kernels: list[tuple[str, tuple[int, ...]]]) -> ValueError:
+    """One error that lists every kernel whose layout is ambiguous, and the call that infers them."""
+    lines = "\n".join(
+        f"  {path}: kernel of shape {shape} has {len(shape)} axes, so which are input, output or stacked-layer "
+        f"axes is ambiguous." for path, shape in kernels
+    )  # fmt: skip
+    return ValueError(
+        f"{len(kernels)} kernel(s) need a layout in LoraSpec(axes={{pattern: layout}}), one letter per axis: "
+        f"'i' input (contracted with the activations), 'o' output, 'b' stacked layer (nn.scan).\n{lines}\n"
+        f"Infer them from how the model uses each kernel: "
+        f"LoraSpec(axes=lora_jax.infer_axes(fn, params, *example_args)), where fn(params, *example_args) runs "
+        f"the model. Layouts differ per kernel: a (d_model, heads, head_dim) query projection is 'ioo', a "
+        f"(heads, head_dim, d_model) output projection 'iio', a Conv2D (kh, kw, in, out) 'iiio', an "
+        f"nn.scan-stacked Dense (layers, in, out) 'bio'."
+    )
 
 
 def _no_match_error(spec: LoraSpec, paths: list[str]) -> ValueError:
@@ -163,12 +176,15 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
       and the set of paths trained in full.
 
     Raises:
-      ValueError: on targets that match nothing, ambiguous layouts, too-large
-        ranks; TypeError: on integer or non-array leaves that are targeted.
+      ValueError: on targets that match nothing, ambiguous layouts (all listed
+        in one error, with the :func:`lora_jax.infer_axes` call that reads
+        them), too-large ranks; TypeError: on integer or non-array leaves that are targeted.
     """
     flat = flatten_with_paths(params)
     targets: dict[str, Target] = {}
     trainable: set[str] = set()
+    ambiguous: list[tuple[str, tuple[int, ...]]] = []
+    too_large: list[ValueError] = []
     all_linear = spec.targets == "all-linear"
     for path, leaf in flat.items():
         if spec.exclude is not None and selector_matches(spec.exclude, path, leaf):
@@ -215,18 +231,28 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
                 )
         shape, dtype = sd
         layout = _layout_for(path, shape, spec)
+        if layout is None:
+            ambiguous.append((path, shape))
+            continue
         rank = _first(spec.rank_pattern, path, spec.rank)
         alpha = _first(spec.alpha_pattern, path, spec.alpha)
         limit = _layout.max_rank(layout, shape)
-        if rank > limit:
-            raise ValueError(
-                f"{path}: rank {rank} is larger than the kernel allows: shape {shape} with layout "
-                f"{layout!r} has fan-in {_layout.fan_in(layout, shape)} and fan-out "
-                f"{_layout.fan_out(layout, shape)}, so rank <= {limit}. Lower LoraSpec(rank=...) or set "
-                f"LoraSpec(rank_pattern={{{path!r}: {limit}}})."
+        if rank > limit:  # raised after the ambiguous layouts: a rank limit read from a guessed layout misleads
+            too_large.append(
+                ValueError(
+                    f"{path}: rank {rank} is larger than the kernel allows: shape {shape} with layout "
+                    f"{layout!r} has fan-in {_layout.fan_in(layout, shape)} and fan-out "
+                    f"{_layout.fan_out(layout, shape)}, so rank <= {limit}. Lower LoraSpec(rank=...) or set "
+                    f"LoraSpec(rank_pattern={{{path!r}: {limit}}})."
+                )
             )
+            continue
         kind = "embed" if is_embedding(path) and len(shape) == 2 else "linear"
         targets[path] = Target(path, shape, dtype, layout, rank, alpha, spec.scale_for(rank, alpha), kind)
+    if ambiguous:
+        raise _ambiguous_error(ambiguous)
+    if too_large:
+        raise too_large[0]
     if not targets:
         raise _no_match_error(spec, list(flat))
     return targets, trainable
