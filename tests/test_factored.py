@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lora_jax
@@ -29,8 +30,8 @@ def _rel_err(x, y):
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12))
 
 
-def assert_same(fn, params, lora, *args, tol=1e-5, wrap=jax.jit):
-    """Value and d(sum(out * cotangent))/d(lora) of factored(fn) equal the apply_lora path (one compile)."""
+def assert_same(fn, params, lora, *args, tol=1e-5, wrap=jax.jit, **options):
+    """Value and d(sum(out * cotangent))/d(lora) of factored(fn, **options) equal the apply_lora path (one compile)."""
     ref_out = jax.eval_shape(lambda lo: fn(lora_jax.apply_lora(params, lo), *args), lora)
     cot = jax.tree.map(lambda o: _rand(7, o.shape, o.dtype), ref_out)
 
@@ -43,7 +44,9 @@ def assert_same(fn, params, lora, *args, tol=1e-5, wrap=jax.jit):
         ref = jax.value_and_grad(
             lambda lo: loss(lo, lambda lo: fn(lora_jax.apply_lora(params, lo), *args)), has_aux=True
         )
-        fac = jax.value_and_grad(lambda lo: loss(lo, lambda lo: factored(fn)(params, lo, *args)), has_aux=True)
+        fac = jax.value_and_grad(
+            lambda lo: loss(lo, lambda lo: factored(fn, **options)(params, lo, *args)), has_aux=True
+        )
         return ref(lo), fac(lo)
 
     ((v_ref, o_ref), g_ref), ((v_fac, o_fac), g_fac) = wrap(both)(lora)
@@ -91,17 +94,42 @@ def test_einsum_dimension_numbers():
 
 
 def test_layout_transforms_on_the_kernel():
-    """Reshape merging input axes, transpose, dtype casts and broadcasts before use."""
+    """Reshape merging input axes, transpose, a same-dtype cast and broadcasts before use: exact to float noise."""
     w, x = _rand(1, (2, 4, 6)), _rand(2, (3, 8))
 
     def fn(p, x):
-        k = p["k"].reshape(8, 6).T.astype(jnp.bfloat16).astype(jnp.float32)  # (6, 8), 'o' then merged 'i'
+        k = p["k"].reshape(8, 6).T.astype(jnp.float32)  # (6, 8), 'o' then merged 'i'
         k = jnp.broadcast_to(k[None], (3, 6, 8))
         k = jnp.squeeze(k[:1], 0)
         return jnp.einsum("bi,oi->bo", x, k) + jnp.einsum("bi,oi->bo", x[:, :8], k[:, :])
 
     lora = {"k": _lw(w.shape, "iio")}
-    assert_same(fn, {"k": w}, lora, x, tol=1e-2)  # bfloat16 round trip of W
+    assert_same(fn, {"k": w}, lora, x)
+    assert factored(fn).explain({"k": w}, lora, x) == {"k": ("dot_general",)}
+
+
+ROUNDINGS = {
+    "bfloat16 round trip": lambda k: k.astype(jnp.bfloat16).astype(jnp.float32),
+    "reduce_precision": lambda k: jax.lax.reduce_precision(k, exponent_bits=8, mantissa_bits=7),
+}
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS.values(), ids=ROUNDINGS.keys())
+def test_rounding_of_an_opted_in_kernel_rounds_w_plus_delta_like_the_reference(rounding):
+    """Materialized for the rounding, the kernel is round(W + s·A·B): equal to the reference to float32 noise."""
+    w, x = _rand(1, (6, 5)), _rand(2, (4, 6))
+    fn = lambda p, x: x @ rounding(p["k"].T).T  # noqa: E731  (a layout change first: the rounding sees the lazy kernel)
+    lora = {"k": _lw(w.shape, "io")}
+    assert_same(fn, {"k": w}, lora, x, tol=1e-6, materialize=["k"])
+    assert factored(fn, materialize=["k"]).explain({"k": w}, lora, x)["k"][0].startswith("materialized (")
+
+
+def test_cast_to_a_narrower_dtype_is_factored_in_that_dtype():
+    """float32 W used in bfloat16 (a bfloat16 model): factored, within bfloat16's own rounding of the reference."""
+    w, x = _rand(1, (16, 8)), _rand(2, (4, 16), jnp.bfloat16)
+    fn = lambda p, x: x @ p["k"].astype(jnp.bfloat16)  # noqa: E731
+    lora = {"k": _lw(w.shape, "io", scale=0.25)}
+    assert_same(fn, {"k": w}, lora, x, tol=2e-2)  # both round W + s·A·B's terms (or sum) to bfloat16: 2^-8 each
     assert factored(fn).explain({"k": w}, lora, x) == {"k": ("dot_general",)}
 
 
@@ -176,3 +204,29 @@ def test_non_array_arguments_are_static():
     lora = {"k": _lw(w.shape, "io")}
     out = jax.jit(lambda lo, x: factored(fn)({"k": w}, lo, x, train=False))(lora, x)
     assert _rel_err(out, fn(lora_jax.apply_lora({"k": w}, lora), x, train=False)) < 1e-5
+
+
+def test_kernel_leaving_jit_remat_cond_and_scan_bodies_stays_factored():
+    """NNX's lifted transforms return the module's weights: a kernel may leave a body and be used after it."""
+    w, stacked, x = _rand(1, (6, 5)), _rand(3, (2, 5, 5)), _rand(2, (4, 6))
+    lora = {"k": _lw(w.shape, "io"), "s": _lw(stacked.shape, "bio", seed=1)}
+
+    def fn(p, x):
+        k = jax.jit(lambda k: k)(jax.checkpoint(lambda k: k)(p["k"]))
+        k = jax.lax.cond(x.sum() > 0, lambda k: k, lambda k: k, k)
+        k = jax.lax.fori_loop(0, 2, lambda i, k: k, k)  # a scan whose carry is the kernel, unchanged
+        _, ks = jax.lax.scan(lambda c, k: (c, k), 0.0, p["s"])  # the per-layer kernels, restacked
+        h, _ = jax.lax.scan(lambda h, k: (jnp.tanh(h @ k), None), x @ k, ks)
+        return h
+
+    assert_same(fn, {"k": w, "s": stacked}, lora, x)
+    assert factored(fn).explain({"k": w, "s": stacked}, lora, x) == {"k": ("dot_general",), "s": ("dot_general",)}
+
+
+def test_kernel_leaving_a_cond_differently_per_branch_is_refused_there():
+    w, x = _rand(1, (6, 6)), _rand(2, (4, 6))
+    fn = lambda p, x: x @ jax.lax.cond(x.sum() > 0, lambda k: k, lambda k: k.T, p["k"])  # noqa: E731
+    lora = {"k": _lw(w.shape, "io")}
+    with pytest.raises(lora_jax.FactoredError, match=r"k: .*`cond output \(the branches return different"):
+        factored(fn)({"k": w}, lora, x)
+    assert_same(fn, {"k": w}, lora, x, materialize=["k"])

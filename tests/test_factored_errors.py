@@ -36,6 +36,40 @@ def test_unfactorable_use_raises_naming_primitive_and_path(use, primitive):
         jax.eval_shape(lambda: factored(fn)(PARAMS, LORA, X))
 
 
+@pytest.mark.parametrize(
+    "use, message",
+    [
+        (
+            lambda k: k.astype(jnp.bfloat16).astype(jnp.float32),
+            r"convert_element_type from bfloat16 to float32 \(a cast to a wider dtype",
+        ),
+        (
+            lambda k: jax.lax.reduce_precision(k, exponent_bits=8, mantissa_bits=7),
+            r"reduce_precision \(exponent_bits=8, mantissa_bits=7\)",
+        ),
+        (
+            lambda k: k.astype(jnp.float16).astype(jnp.bfloat16),
+            r"convert_element_type from float16 to bfloat16 \(a cast that changes both",
+        ),
+        (lambda k: k.astype(jnp.int32), r"convert_element_type from float32 to int32 \(only casts to a narrower float"),
+    ],
+    ids=["bfloat16 round trip", "reduce_precision", "float16 to bfloat16", "to int32"],
+)
+def test_rounding_the_kernel_raises_naming_primitive_and_path(use, message):
+    """The reference rounds W + s·A·B; factored could only round W (1e-3 off where float32 noise is 1e-6)."""
+    fn = lambda p, x: x @ use(p["dense"]["kernel"]).astype(jnp.float32)  # noqa: E731
+    with pytest.raises(FactoredError, match=rf"dense/kernel: .*`{message}.*materialize=\['dense/kernel'\]"):
+        jax.eval_shape(lambda: factored(fn)(PARAMS, LORA, X))
+
+
+def test_kernel_stored_narrower_than_it_is_computed_in_raises():
+    """A bfloat16 kernel used in float32: apply_lora's kernel is round_bf16(W + s·A·B), factored's would not be."""
+    params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), PARAMS)
+    fn = lambda p, x: x @ p["dense"]["kernel"].astype(jnp.float32)  # noqa: E731
+    with pytest.raises(FactoredError, match=r"dense/kernel: .*convert_element_type from bfloat16 to float32"):
+        jax.eval_shape(lambda: factored(fn)(params, LORA, X))
+
+
 def test_reshape_mixing_input_and_output_axes_raises():
     fn = lambda p, x: x[:, :4] @ p["dense"]["kernel"].reshape(4, 6)  # noqa: E731
     with pytest.raises(FactoredError, match=r"dense/kernel: .*reshape.*\(6, 4\) to \(4, 6\)"):

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jaxpr_shapes import eqn_shapes
 from flax import nnx
-from jax.extend import core as jcore
 
 import lora_jax
 from lora_jax import factored
@@ -64,19 +64,6 @@ def test_gpt_loss_and_grads_match_apply_lora(scan, switches):
     assert set(report.values()) == {("dot_general",)}
 
 
-def _eqn_shapes(jaxpr, out):
-    """(primitive, shape) of every equation output, recursively through jit/scan/remat/cond bodies."""
-    for eqn in jaxpr.eqns:
-        out += [(eqn.primitive.name, tuple(v.aval.shape)) for v in eqn.outvars]
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                if isinstance(sub, jcore.ClosedJaxpr):
-                    _eqn_shapes(sub.jaxpr, out)
-                elif isinstance(sub, jcore.Jaxpr):
-                    _eqn_shapes(sub, out)
-    return out
-
-
 @pytest.mark.parametrize("switches", [{}, MEMORY_SWITCHES], ids=["plain", "remat+chunked"])
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
 def test_factored_training_step_has_no_kernel_sized_values(scan, switches):
@@ -89,8 +76,8 @@ def test_factored_training_step_has_no_kernel_sized_values(scan, switches):
             if scan and path.startswith("layers/"):
                 shapes.add(node.kernel_shape[1:])  # one layer's slice inside the scan body
     ref, fac = _losses(model, params, tokens)
-    ref_hits = [s for s in _eqn_shapes(jax.make_jaxpr(jax.grad(ref))(lora).jaxpr, []) if s[1] in shapes]
-    fac_hits = [s for s in _eqn_shapes(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr, []) if s[1] in shapes]
+    ref_hits = [s for s in eqn_shapes(jax.make_jaxpr(jax.grad(ref))(lora).jaxpr, []) if s[1] in shapes]
+    fac_hits = [s for s in eqn_shapes(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr, []) if s[1] in shapes]
     assert len(ref_hits) > 10  # the property is observable: the materialized path forms W' and dW'
     # the only kernel-shaped values in the factored step are the frozen bases themselves (stop_gradient)
     assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
@@ -124,3 +111,21 @@ def test_nnx_model_unchanged():
     for gf, gr in zip(jax.tree.leaves(g_fac), jax.tree.leaves(g_ref), strict=True):
         assert _rel_err(gf, gr) < 1e-5
     assert set(factored(fn).explain(state, lora, tokens).values()) == {("gather",), ("dot_general",)}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
+def test_bfloat16_gpt_casts_every_kernel_and_stays_factored(scan):
+    """GPT(dtype="bfloat16") casts each float32 kernel to bfloat16: followed (not refused, not formed), and
+    factored's distance to the float32 model is that of the bfloat16 reference: the model's own rounding."""
+    model, params, lora, tokens = _gpt(scan, dtype="bfloat16")
+    ref, fac = _losses(model, params, tokens)
+    exact, _ = _losses(_gpt(scan)[0], params, tokens)
+    both = jax.jit(lambda lo: [jax.value_and_grad(f)(lo) for f in (ref, fac, exact)])
+    (v_ref, g_ref), (v_fac, g_fac), (v_ex, g_ex) = both(lora)
+    eps = float(jnp.finfo(jnp.bfloat16).eps)
+    assert _rel_err(v_ref, v_ex) < eps and _rel_err(v_fac, v_ex) < eps
+    worst = lambda g: max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ex), strict=True))  # noqa: E731
+    assert worst(g_fac) < 2 * worst(g_ref), (worst(g_fac), worst(g_ref))  # measured 0.039 vs 0.032 (looped)
+    report = factored(lambda p, t: model.apply({"params": p}, t)).explain(params, lora, tokens)
+    assert report.pop("tok_embed/embedding") == ("gather",)
+    assert set(report.values()) == {("dot_general",)}

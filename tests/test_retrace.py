@@ -69,29 +69,62 @@ def test_repeated_merge_and_unmerge_compile_once(caplog):
     assert compiles == []
 
 
-def test_eager_factored_calls_trace_the_model_once_per_shape():
-    from lora_jax import factored
+def _compiles(caplog, fn):
+    """The XLA compiles that ``fn()`` triggers (jax.log_compiles)."""
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        caplog.clear()
+        fn()
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
-    calls = []
+
+def test_eager_factored_calls_compile_once_per_shape_and_static_args(caplog):
+    """fn is traced at every eager call (so nothing it closes over goes stale); XLA compiles once per program."""
+    from lora_jax import factored
 
     def model(p, x, *, flag):
         y = jnp.einsum("td,dhk->thk", x, p["enc"]["query"]["kernel"]).reshape(x.shape[0], -1) @ jnp.ones((8, 3))
         return y + (x @ p["enc"]["mlp"]["kernel"]).sum() if flag else y
 
-    def counted(p, x, *, flag):
-        calls.append(flag)  # Python code of the model: runs only while tracing
-        return model(p, x, flag=flag)
-
-    fac = factored(counted)
+    fac = factored(model)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8)), jnp.float32)
-    for seed in (1, 2, 3):
-        lora = adapters(seed)
-        want = model(apply_lora(PARAMS, lora), x, flag=True)
-        np.testing.assert_allclose(fac(PARAMS, lora, x, flag=True), want, rtol=1e-5, atol=1e-5)
-    assert calls == [True]  # one trace for three adapters
-    fac(PARAMS, adapters(1), x, flag=False)  # a new static argument traces again
-    fac(PARAMS, adapters(1), x[:4], flag=False)  # so does a new shape
-    assert calls == [True, False, False]
+    wants = [model(apply_lora(PARAMS, adapters(seed)), x, flag=True) for seed in (1, 2, 3)]
+    assert _compiles(caplog, lambda: fac(PARAMS, adapters(1), x, flag=True))  # the first call compiles
+    for seed, want in zip((1, 2, 3), wants, strict=True):
+        got = []
+        assert _compiles(caplog, lambda s=seed, got=got: got.append(fac(PARAMS, adapters(s), x, flag=True))) == []
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    assert _compiles(caplog, lambda: fac(PARAMS, adapters(1), x, flag=False))  # a new static argument compiles
+    assert _compiles(caplog, lambda: fac(PARAMS, adapters(1), x[:4], flag=False))  # so does a new shape
+    assert _compiles(caplog, lambda: fac(PARAMS, adapters(2), x[:4], flag=False)) == []
+
+
+def test_eager_factored_call_reads_the_arrays_fn_closes_over_now(caplog):
+    from lora_jax import factored
+
+    held = {"shift": jnp.zeros(16), "table": jnp.zeros(16)}
+    lookup = jax.jit(lambda i: held["table"][i])  # a closed-over array inside an inner jit: a nested constant
+    model = lambda p, x: x @ p["enc"]["mlp"]["kernel"] + held["shift"] + lookup(3)  # noqa: E731
+    fac, lora, x = factored(model), adapters(1), jnp.ones((2, 8))
+    fac(PARAMS, lora, x)
+    held["shift"] = jnp.full(16, 100.0, jnp.float32)  # a new array, same shape: no new compile needed, but a new value
+    assert _compiles(caplog, lambda: fac(PARAMS, lora, x)) == []
+    np.testing.assert_allclose(fac(PARAMS, lora, x), model(apply_lora(PARAMS, lora), x), rtol=1e-6)
+    held["table"] = jnp.full(16, 7.0, jnp.float32)
+    lookup = jax.jit(lambda i: held["table"][i])  # a new inner jit (jax.jit itself caches its trace)
+    np.testing.assert_allclose(fac(PARAMS, lora, x), model(apply_lora(PARAMS, lora), x), rtol=1e-6)
+
+
+def test_eager_factored_call_reads_the_python_state_fn_closes_over_now():
+    from lora_jax import factored
+
+    flags = {"negate": False}
+    model = lambda p, x: -(x @ p["enc"]["mlp"]["kernel"]) if flags["negate"] else x @ p["enc"]["mlp"]["kernel"]  # noqa: E731
+    fac, lora, x = factored(model), adapters(1), jnp.ones((2, 8))
+    before = fac(PARAMS, lora, x)
+    flags["negate"] = True
+    np.testing.assert_allclose(fac(PARAMS, lora, x), -before, rtol=1e-6)
+    flags["negate"] = False
+    np.testing.assert_allclose(fac(PARAMS, lora, x), before, rtol=1e-6)
 
 
 def test_eager_factored_call_with_an_unhashable_argument_runs_op_by_op():

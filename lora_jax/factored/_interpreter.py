@@ -4,12 +4,18 @@
 parameters are inputs) and evaluates that jaxpr with its own small
 interpreter, in which each adapted kernel is a
 :class:`~lora_jax.factored._lazy.LazyKernel` (base ``W``, factors ``A``, ``B``,
-scale). Reshapes, transposes, casts, broadcasts and slices of a kernel are
-mirrored on the factors (:mod:`lora_jax.factored._rules`); ``dot_general``,
-``conv_general_dilated`` and ``gather`` consume it as ``x·W + s·(x·A)·B``;
-``jit``, ``remat``, ``scan`` (flax ``nn.scan`` slices the stacked kernels:
-the factors are sliced along the same axis), ``cond`` and ``while`` are
-followed into their bodies. A ``custom_jvp``/``custom_vjp`` function that
+scale). Reshapes, transposes, casts to a narrower float dtype, broadcasts and
+slices of a kernel are mirrored on the factors (:mod:`lora_jax.factored._rules`);
+``dot_general``, ``conv_general_dilated`` and ``gather`` consume it as
+``x·W + s·(x·A)·B``; ``jit``, ``remat``, ``scan`` (flax ``nn.scan`` slices the
+stacked kernels: the factors are sliced along the same axis), ``cond`` and
+``while`` are followed into their bodies (:mod:`lora_jax.factored._control`),
+and a kernel may leave a body as a lazy kernel (NNX's ``nnx.remat`` returns the
+module's weights); it is formed or refused only at a real use: the function's
+output, a carry or ``cond`` output whose structure changes, or a primitive with
+no rule. A rounding of the kernel (``reduce_precision``, a cast back to a wider
+dtype, a cast to a non-float) is refused: the reference rounds ``W + s·A·B``,
+factored could only round ``W``. A ``custom_jvp``/``custom_vjp`` function that
 receives a kernel is not inlined: its custom rule is written for the formed
 kernel (a straight-through estimator differentiated through its primal body
 would give zero gradients), so it raises like any unhandled primitive, and with
@@ -17,8 +23,10 @@ would give zero gradients), so it raises like any unhandled primitive, and with
 Equations that touch no adapted kernel are re-bound unchanged. Every other
 primitive that meets a kernel raises :class:`FactoredError` naming the
 primitive and the parameter path, unless that path was opted in with ``materialize=`` (then
-``W + BA`` is formed for that leaf only and reported). ``W`` goes through
-``stop_gradient``, so no kernel-sized weight gradient is ever computed.
+``W + BA`` is formed for that leaf only, exactly as ``apply_lora`` forms it, and
+reported). ``W`` goes through ``stop_gradient``, so no kernel-sized weight
+gradient is ever computed. An eager call is traced every time and compiled once
+per program (:mod:`lora_jax.factored._eager`), so it never runs stale.
 
 Why our own interpreter and not quax: measured (``benchmarks/bench_quax.py``,
 quax 0.4.6, GPT 2 x d256, 256 tokens). quax's stock ``LoraArray`` does not fit
@@ -42,13 +50,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax.adapters._lowered import LowRank, Replace, apply_to
 from lora_jax.adapters._tree import lowered_items
+from lora_jax.factored import _control as control
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _rules as rules
+from lora_jax.factored._eager import Program
+from lora_jax.factored._eager import join_args as _join_args
+from lora_jax.factored._eager import split_args as _split_args
 from lora_jax.factored._lazy import FactoredError, LazyKernel
 from lora_jax.targets._paths import path_str
 from lora_jax.transforms._apply import apply_lora
@@ -97,6 +108,27 @@ class _Context:
     def may_materialize(self, path: str) -> bool:
         return any(p == path or re.fullmatch(p, path) for p in self.materialize)
 
+    def quiet(self) -> _Context:
+        """A copy that reports nothing, for tracing a body only to read its output structure."""
+        return dataclasses.replace(self, on_materialize=None, report={}, key=None, site=0)
+
+    def settle(self, x: Any, where: str) -> Any:
+        """``x`` itself, unless it is a lazy kernel at a use that cannot be factored: then formed or refused."""
+        if not isinstance(x, LazyKernel):
+            return x
+        if self.may_materialize(x.path):
+            self.record(x.path, f"materialized ({where})")
+            if self.on_materialize is not None:
+                self.on_materialize(x.path, where)
+            return lz.materialize(x)
+        raise FactoredError(
+            f"{x.path}: factored() cannot factor `{where}` applied to this adapted kernel (shape {x.shape}, "
+            f"dtype {x.dtype}); only dot_general, conv_general_dilated and gather uses, and reshapes, "
+            f"transposes, casts to a narrower float dtype, broadcasts and slices of a kernel are factored. "
+            f"Either keep this kernel out of LoraSpec(targets=...), or opt in to forming W + BA for this "
+            f"leaf only: factored(fn, materialize=[{x.path!r}])."
+        )
+
 
 def _read(env: dict, v: Any) -> Any:
     return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -125,8 +157,7 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     outs = [_read(env, v) for v in jaxpr.outvars]
-    outs = [x.resolve() if isinstance(x, rules.Pending) else x for x in outs]
-    return [_materialize_or_raise(x, "output of the function", ctx) for x in outs]
+    return [x.resolve() if isinstance(x, rules.Pending) else x for x in outs]  # lazy kernels pass through
 
 
 def _add_to_pending(prim: Any, invals: list[Any]) -> rules.Pending | None:
@@ -145,30 +176,13 @@ def _add_to_pending(prim: Any, invals: list[Any]) -> rules.Pending | None:
     return rules.Pending(base, pending.delta)
 
 
-def _materialize_or_raise(x: Any, where: str, ctx: _Context) -> Any:
-    if not isinstance(x, LazyKernel):
-        return x
-    if ctx.may_materialize(x.path):
-        ctx.record(x.path, f"materialized ({where})")
-        if ctx.on_materialize is not None:
-            ctx.on_materialize(x.path, where)
-        return lz.materialize(x)
-    raise FactoredError(
-        f"{x.path}: factored() cannot factor `{where}` applied to this adapted kernel (shape {x.shape}, "
-        f"dtype {x.dtype}); only dot_general, conv_general_dilated and gather uses, and reshapes, "
-        f"transposes, casts, broadcasts and slices of a kernel are factored. Either keep this kernel out "
-        f"of LoraSpec(targets=...), or opt in to forming W + BA for this leaf only: "
-        f"factored(fn, materialize=[{x.path!r}])."
-    )
-
-
 def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
     name = prim.name
     if name in _INLINE and _INLINE[name] in params:
         closed = params[_INLINE[name]]
         return _eval(closed.jaxpr, closed.consts, invals, ctx)
-    if name in _HIGHER_ORDER:
-        return _HIGHER_ORDER[name](invals, params, ctx)
+    if name in control.RULES:
+        return control.RULES[name](invals, params, ctx, _eval)
     lazy = [x for x in invals if isinstance(x, LazyKernel)]
     if isinstance(invals[0], LazyKernel) and len(lazy) == 1:
         out = rules.layout_rule(prim, invals[0], invals[1:], params)
@@ -185,111 +199,12 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
         for x in lazy:
             ctx.record(x.path, name)
         return [out]
-    where = (
-        f"{name} (a {_CUSTOM_RULE[name]} function, whose rule needs the formed kernel)"
-        if name in _CUSTOM_RULE
-        else name
-    )
-    concrete = [_materialize_or_raise(x, where, ctx) for x in invals]
+    where = rules.rounding_note(name, invals[0], params) if isinstance(invals[0], LazyKernel) else None
+    if name in _CUSTOM_RULE:
+        where = f"{name} (a {_CUSTOM_RULE[name]} function, whose rule needs the formed kernel)"
+    concrete = [ctx.settle(x, where or name) for x in invals]
     ans = prim.bind(*concrete, **prim.get_bind_params(params))
     return ans if prim.multiple_results else [ans]
-
-
-def _remat(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
-    jaxpr = params["jaxpr"]
-    body = jax.checkpoint(
-        lambda *xs: _eval(jaxpr, [], xs, ctx), prevent_cse=params["prevent_cse"], policy=params["policy"]
-    )
-    return list(body(*invals))
-
-
-def _scan_slices(x: LazyKernel) -> tuple[tuple[jax.Array, ...], Callable[..., LazyKernel]]:
-    """The arrays to scan over for a lazy kernel stacked along axis 0, and how to rebuild a slice."""
-    kind = x.kinds[0]
-    b_moved = jnp.moveaxis(x.b, 1, 0) if kind in "bs" else x.b
-    scanned = (x.w, x.a if kind in "as" else None, b_moved if kind in "bs" else None)
-    a_const, b_const = x.a, x.b
-
-    def rebuild(w: jax.Array, a: jax.Array | None, b: jax.Array | None) -> LazyKernel:
-        return LazyKernel(w, a_const if a is None else a, b_const if b is None else b, x.kinds[1:], x.scale, x.path)
-
-    return scanned, rebuild
-
-
-def _scan(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
-    closed = params["jaxpr"]
-    consts, carry, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-    carry = [_materialize_or_raise(c, "scan carry", ctx) for c in carry]
-    packed, rebuilders = [], {}
-    for i, x in enumerate(xs):
-        if isinstance(x, LazyKernel):
-            scanned, rebuilders[i] = _scan_slices(x)
-            packed.append(scanned)
-        else:
-            packed.append(x)
-    site_key = ctx.next_key() if ctx.dropout > 0 else None
-    steps = None if site_key is None else jnp.arange(params["length"])  # per-step dropout keys
-
-    def body(carry_in, xs_in):
-        step, xs_in = xs_in
-        vals = [rebuilders[i](*x) if i in rebuilders else x for i, x in enumerate(xs_in)]
-        child = ctx.child(None if site_key is None else jax.random.fold_in(site_key, step))
-        outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry_in, *vals], child)
-        return outs[:n_carry], outs[n_carry:]
-
-    carry_out, ys = lax.scan(
-        body, carry, (steps, packed), length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
-    )
-    return [*carry_out, *ys]
-
-
-def _cond(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
-    index, ops = invals[0], invals[1:]
-    site_key = ctx.next_key() if ctx.dropout > 0 else None  # its own dropout key, not one a site outside reuses
-    branches = [(lambda *xs, br=br: _eval(br.jaxpr, br.consts, xs, ctx.child(site_key))) for br in params["branches"]]
-    return list(lax.switch(index, branches, *ops))
-
-
-def _while(invals: list[Any], params: dict[str, Any], ctx: _Context) -> list[Any]:
-    nc, nb = params["cond_nconsts"], params["body_nconsts"]
-    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-    init = [_materialize_or_raise(x, "while_loop carry", ctx) for x in init]
-    cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
-    site_key = ctx.next_key() if ctx.dropout > 0 else None
-
-    def body(carry: list[Any]) -> list[Any]:
-        step, *rest = carry  # a step counter, so that every iteration draws its own dropout mask
-        child = ctx.child(None if site_key is None else jax.random.fold_in(site_key, step))
-        return [step + 1, *_eval(bj.jaxpr, bj.consts, [*bconsts, *rest], child)]
-
-    def cond(carry: list[Any]) -> jax.Array:
-        return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry[1:]], ctx.child(None))[0]
-
-    return list(lax.while_loop(cond, body, [jnp.int32(0), *init])[1:])
-
-
-_HIGHER_ORDER = {"remat2": _remat, "checkpoint": _remat, "scan": _scan, "cond": _cond, "while": _while}
-
-
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _split_args(args: tuple, kwargs: dict) -> tuple[tuple, list]:
-    """``(static, dynamic)``: the arrays among the arguments' leaves, and the rest with the tree structure."""
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    fixed = tuple((i, x) for i, x in enumerate(leaves) if not _is_dynamic(x))
-    return (treedef, fixed), [x for x in leaves if _is_dynamic(x)]
-
-
-def _join_args(static: tuple, dynamic: list) -> tuple[tuple, dict]:
-    """The inverse of :func:`_split_args`: ``(args, kwargs)``."""
-    treedef, fixed = static
-    fixed, it = dict(fixed), iter(dynamic)
-    return jax.tree_util.tree_unflatten(
-        treedef, [fixed[i] if i in fixed else next(it) for i in range(treedef.num_leaves)]
-    )
 
 
 class Factored:
@@ -297,8 +212,8 @@ class Factored:
 
     def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, dropout: float):
         self.fn, self.materialize, self.on_materialize, self.dropout = fn, materialize, on_materialize, dropout
-        # eager calls go through one jit per Factored: traced and compiled once per shapes and static arguments
-        self._compiled = jax.jit(self._call_with_static, static_argnums=4)
+        # eager calls: fn is traced every call, the evaluator compiled once per Program (see _eager)
+        self._compiled = jax.jit(self._evaluate, static_argnums=(5, 6))
 
     def __call__(self, params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """``fn(apply_lora(params, lora), *args, **kwargs)``, computed factored (see :func:`factored`)."""
@@ -308,12 +223,16 @@ class Factored:
                 hash(static)
             except TypeError:  # an unhashable non-array argument: trace and run op by op
                 return self._run(params, lora, args, kwargs, dropout_rng, {})
-            return self._compiled(params, lora, dynamic, dropout_rng, static)
+            traced: list = []
+            trace = lambda p, lo, d: self._run(p, lo, *_join_args(static, d), None, {}, capture=traced)  # noqa: E731
+            jax.eval_shape(trace, params, lora, dynamic)  # fn traced now, with what it closes over now
+            jaxpr, consts, out_tree = traced[0]
+            return self._compiled(params, lora, dynamic, dropout_rng, consts, static, Program(jaxpr, out_tree))
         return self._run(params, lora, args, kwargs, dropout_rng, {})
 
-    def _call_with_static(self, params: Any, lora: Any, dynamic: list, dropout_rng: Any, static: tuple) -> Any:
+    def _evaluate(self, params, lora, dynamic, dropout_rng, consts, static, program: Program) -> Any:
         args, kwargs = _join_args(static, dynamic)
-        return self._run(params, lora, args, kwargs, dropout_rng, {})
+        return self._run(params, lora, args, kwargs, dropout_rng, {}, program=(program.jaxpr, consts, program.out_tree))
 
     def explain(self, params: Any, lora: Any, *args: Any, **kwargs: Any) -> dict[str, tuple[str, ...]]:
         """Which rule consumed each adapted kernel: ``{path: ("dot_general", ...)}``.
@@ -326,7 +245,7 @@ class Factored:
         paths = [p for p, n in lowered_items(lora).items() if isinstance(n, LowRank)]
         return {p: tuple(report.get(p, ())) for p in paths}
 
-    def _run(self, params, lora, args, kwargs, dropout_rng, report) -> Any:
+    def _run(self, params, lora, args, kwargs, dropout_rng, report, program=None, capture=None) -> Any:
         jax.eval_shape(apply_lora, params, lora)  # validates paths and shapes, with clear errors
         items = lowered_items(lora)  # every node in its one lowered form; frozen arrays under stop_gradient
         flat, pdef = jax.tree_util.tree_flatten_with_path(params)
@@ -338,17 +257,26 @@ class Factored:
             leaves.append(leaf)
             inputs.append(lz.from_weights(leaf, low, path_str(key_path)) if isinstance(low, LowRank) else leaf)
         static, dyn = _split_args(args, kwargs)
+        if program is None:  # else the (jaxpr, consts, out_tree) of an eager call, traced before the compile
+            program = self._trace(pdef, leaves, static, dyn)
+            if capture is not None:
+                return capture.append(program)
+        jaxpr, consts, out_tree = program
+        if self.dropout > 0 and dropout_rng is not None and jnp.issubdtype(jnp.asarray(dropout_rng).dtype, jnp.integer):
+            dropout_rng = jax.random.wrap_key_data(dropout_rng)
+        ctx = _Context(self.materialize, self.on_materialize, self.dropout, dropout_rng, report)
+        outs = [ctx.settle(x, "output of the function") for x in _eval(jaxpr, consts, [*inputs, *dyn], ctx)]
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    def _trace(self, pdef: Any, leaves: list, static: tuple, dyn: list) -> tuple[Any, list, Any]:
+        """``(jaxpr, consts, out_tree)`` of ``fn`` with the parameter leaves and array arguments as inputs."""
 
         def flat_fn(p_leaves, d_leaves):
             a, kw = _join_args(static, d_leaves)
             return self.fn(jax.tree_util.tree_unflatten(pdef, p_leaves), *a, **kw)
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
-        if self.dropout > 0 and dropout_rng is not None and jnp.issubdtype(jnp.asarray(dropout_rng).dtype, jnp.integer):
-            dropout_rng = jax.random.wrap_key_data(dropout_rng)
-        ctx = _Context(self.materialize, self.on_materialize, self.dropout, dropout_rng, report)
-        outs = _eval(closed.jaxpr, closed.consts, [*inputs, *dyn], ctx)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        return closed.jaxpr, closed.consts, jax.tree_util.tree_structure(out_shape)
 
 
 def factored(
@@ -370,10 +298,21 @@ def factored(
     nnx.split(model)``; ``fn = lambda s, x: nnx.merge(graphdef, s)(x)``).
     Array arguments are traced; other arguments (flags, Python numbers) are
     passed to ``fn`` as they are. Called outside any transformation, the
-    wrapper compiles itself with ``jax.jit`` (once per shapes, dtypes and
-    non-array arguments, which must then be hashable; else it runs op by op),
-    so ``fn``'s Python code and ``on_materialize`` run at trace time only, as
-    under ``jit``.
+    wrapper traces ``fn`` at every call (so arrays and flags that ``fn``
+    closes over are read at that call, never stale) and compiles the traced
+    program once per structure: new shapes, dtypes, non-array arguments (which
+    must then be hashable; else it runs op by op) or a change in what ``fn``
+    traces to compile again, new values of closed-over arrays do not.
+    ``on_materialize`` runs when the call compiles.
+
+    Casting a kernel to a narrower float dtype (a bfloat16 model) is factored
+    in that dtype: the result agrees with the reference to that dtype's own
+    rounding. ``reduce_precision``, a cast back to a wider dtype (a round trip,
+    or a kernel stored in bfloat16 used in float32) and non-float casts raise,
+    since the reference rounds ``W + s·A·B`` and factored could only round
+    ``W``; with ``materialize=`` the leaf is formed and rounded exactly as the
+    reference. A kernel may pass out of ``jit``, ``remat``, ``cond`` and
+    ``scan`` bodies; it is refused only at a use that cannot be factored.
 
     Args:
       fn: the model function; its first argument is the parameter pytree.

@@ -16,6 +16,13 @@ maps to factor axes without bookkeeping:
 
 A reshape that merges or splits axes is followed when each merged group lies
 within one factor; anything else raises :class:`FactoredError`.
+
+A cast of the kernel to a narrower float dtype is deferred: ``w`` keeps its
+stored dtype and ``cast`` records the dtype the model computes the kernel in
+(:meth:`LazyKernel.base` applies it at each use, the factors are cast to it
+there too). Keeping the stored ``w`` is what lets :func:`materialize` form
+exactly the reference kernel, ``cast(round_w.dtype(W + s·A·B))``, when a later
+operation (a cast back up, ``reduce_precision``) needs the rounded sum.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class LazyKernel:
     kinds: tuple[str, ...] = dataclasses.field(metadata={"static": True})
     scale: float = dataclasses.field(metadata={"static": True})
     path: str = dataclasses.field(metadata={"static": True})
+    cast: Any = dataclasses.field(default=None, metadata={"static": True})  # a narrower dtype, applied at use
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -56,7 +64,12 @@ class LazyKernel:
 
     @property
     def dtype(self) -> Any:
-        return self.w.dtype
+        """The dtype the model sees: the last cast, else the stored dtype of ``w``."""
+        return self.w.dtype if self.cast is None else jnp.dtype(self.cast)
+
+    def base(self) -> jax.Array:
+        """``w`` in the kernel's dtype (the deferred cast applied)."""
+        return self.w if self.cast is None else self.w.astype(self.cast)
 
     def a_axes(self) -> list[int]:
         """Kernel axes carried by ``a`` (in ``a``'s order)."""
@@ -95,14 +108,15 @@ def delta(lk: LazyKernel) -> jax.Array:
     names = LETTERS[: len(lk.kinds)]
     sa, sb = lk.letters(names)
     kept = "".join(n for n, c in zip(names, lk.kinds, strict=True) if c != "n")
-    d = _lowered.product(f"{sa},{sb}->{kept}", lk.a, lk.b, lk.dtype)
+    d = _lowered.product(f"{sa},{sb}->{kept}", lk.a, lk.b, lk.w.dtype)
     d = jnp.expand_dims(d, [k for k, c in enumerate(lk.kinds) if c == "n"])
     return lk.scale * jnp.broadcast_to(d, lk.shape)
 
 
 def materialize(lk: LazyKernel) -> jax.Array:
-    """``w + delta`` added in float32 (float64 for a float64 kernel) and cast to ``w.dtype`` once."""
-    return (lk.w.astype(_lowered.compute_dtype(lk.dtype)) + delta(lk)).astype(lk.dtype)
+    """``w + delta`` added in float32 (float64 for a float64 kernel), cast to ``w.dtype`` once (as ``apply_lora``),
+    then to the model's cast."""
+    return (lk.w.astype(_lowered.compute_dtype(lk.w.dtype)) + delta(lk)).astype(lk.w.dtype).astype(lk.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +210,7 @@ def reshape(lk: LazyKernel, new_sizes: tuple[int, ...], new_w: jax.Array, primit
     b = lk.b.reshape((lk.b.shape[0], *b_shape))
     it = iter(kinds_big)
     kinds = tuple("n" if n == 1 else next(it) for n in new_sizes)
-    return LazyKernel(new_w, a, b, kinds, lk.scale, lk.path)
+    return lk.replace(w=new_w, a=a, b=b, kinds=kinds)
 
 
 def _reshape_error(lk: LazyKernel, old: Any, new_sizes: tuple[int, ...], primitive: str) -> FactoredError:
@@ -221,4 +235,4 @@ def slice_axes(lk: LazyKernel, starts: list[Any], sizes: list[int], new_w: jax.A
             a = jax.lax.dynamic_slice_in_dim(a, start, size, a_pos[k])
         if k in b_pos:
             b = jax.lax.dynamic_slice_in_dim(b, start, size, b_pos[k])
-    return LazyKernel(new_w, a, b, lk.kinds, lk.scale, lk.path)
+    return lk.replace(w=new_w, a=a, b=b)

@@ -2,10 +2,10 @@
 
 Two families:
 
-* *layout rules* follow a reshape, transpose, dtype cast, broadcast, squeeze
-  or static slice of the kernel: the primitive is applied to the base ``w`` and
-  mirrored on the factors (no kernel-sized work beyond what the model already
-  does to ``W``);
+* *layout rules* follow a reshape, transpose, cast to a narrower float dtype,
+  broadcast, squeeze or static slice of the kernel: the primitive is applied to
+  the base ``w`` and mirrored on the factors (no kernel-sized work beyond what
+  the model already does to ``W``);
 * *use rules* consume the kernel: ``dot_general`` (Dense, DenseGeneral, einsum,
   ``x @ E.T``), ``conv_general_dilated`` and ``gather`` (embedding lookups,
   ``take``). Each computes the base result with ``w`` unchanged and adds the
@@ -15,6 +15,16 @@ Two families:
 
 Every rule returns ``None`` when it cannot factor the use; the interpreter then
 raises (or materializes the leaf, if the caller opted in).
+
+Rounding: the reference ``fn(apply_lora(params, lora))`` rounds the effective
+kernel ``W + s·A·B``; factored can only round ``W`` and the factors. A cast to a
+narrower float dtype is followed (the model then computes in that dtype, and
+rounding the terms instead of their sum differs only at that dtype's own
+precision). ``reduce_precision``, a cast back to a wider dtype (a round trip,
+or a kernel stored narrower than it is computed in) and casts that are not
+float-to-narrower-float are not: their result would differ from the reference
+by the narrow dtype's rounding in a wider computation, so they raise (see
+:func:`rounding_note`).
 """
 
 from __future__ import annotations
@@ -55,7 +65,12 @@ class Pending:
 def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, Any]) -> LazyKernel | None:
     """Apply a layout primitive to ``lk``; ``None`` if ``prim`` is not one (or not followable)."""
     name = prim.name
-    if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"):
+    if name == "convert_element_type":
+        new = jnp.dtype(params["new_dtype"])
+        if new == lk.dtype:
+            return lk
+        return lk.replace(cast=new) if _narrower(new, lk.dtype) else None
+    if name in ("copy", "copy_p", "sharding_constraint"):
         return lk.replace(w=prim.bind(lk.w, **params))
     if name == "transpose":
         return lz.transpose(lk, tuple(params["permutation"]), prim.bind(lk.w, **params))
@@ -85,6 +100,30 @@ def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, An
         starts = [jnp.clip(s, 0, n - size) for s, n, size in zip(rest, lk.shape, params["slice_sizes"], strict=True)]
         return lz.slice_axes(lk, starts, list(params["slice_sizes"]), new_w)
     return None
+
+
+def _narrower(new: Any, old: Any) -> bool:
+    """Whether float dtype ``new`` holds a subset of ``old``'s values (bfloat16 from float32, not from float16)."""
+    floats = jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(old, jnp.floating)
+    return bool(floats) and jnp.promote_types(new, old) == jnp.dtype(old)
+
+
+def rounding_note(name: str, lk: LazyKernel, params: dict[str, Any]) -> str | None:
+    """Why a rounding primitive cannot be factored, for the error message; ``None`` if ``name`` is not one."""
+    same = "fn(apply_lora(params, lora)) rounds the effective kernel W + s·A·B, factored() could only round W"
+    if name == "reduce_precision":
+        bits = f"exponent_bits={params['exponent_bits']}, mantissa_bits={params['mantissa_bits']}"
+        return f"reduce_precision ({bits}): {same}"
+    if name != "convert_element_type":
+        return None
+    new, old = jnp.dtype(params["new_dtype"]), lk.dtype
+    if not (jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(old, jnp.floating)):
+        return f"convert_element_type from {old} to {new} (only casts to a narrower float dtype are factored)"
+    why = "a cast to a wider dtype" if _narrower(old, new) else "a cast that changes both precision and range"
+    return (
+        f"convert_element_type from {old} to {new} ({why}, after the kernel was rounded to {old} by its "
+        f"stored dtype or an earlier cast: {same}, and would differ by {old}'s rounding in a {new} computation)"
+    )
 
 
 # --------------------------------------------------------------------------- use rules
@@ -167,7 +206,7 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> 
     x_free = [c for i, c in enumerate(xl) if i not in xc and i not in xb]
     k_free = [c for k, c in enumerate(kl) if k not in kc and k not in kb]
     out = "".join(batch + (x_free + k_free if kernel_rhs else k_free + x_free))
-    base = lax.dot_general_p.bind(*((x, lk.w) if kernel_rhs else (lk.w, x)), **params)
+    base = lax.dot_general_p.bind(*((x, lk.base()) if kernel_rhs else (lk.base(), x)), **params)
     y = factored_product(
         dropout(x),
         "".join(xl),
@@ -191,7 +230,7 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
     out_feat = dn.rhs_spec[0]
     if lk.kinds[out_feat] != "b" or any(c != "a" for k, c in enumerate(lk.kinds) if k != out_feat):
         return None
-    base = lax.conv_general_dilated_p.bind(x, lk.w, **params)
+    base = lax.conv_general_dilated_p.bind(x, lk.base(), **params)
     a_kernel = jnp.moveaxis(lk.a.astype(lk.dtype), -1, out_feat)
     t = lax.conv_general_dilated_p.bind(dropout(x), a_kernel, **params)
     feat = dn.out_spec[1]
@@ -217,7 +256,7 @@ def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
     p_kind = kinds.pop()
     if any(slice_sizes[k] != n for k, n in enumerate(lk.shape) if k not in indexed):
         return None
-    base = lax.gather_p.bind(lk.w, indices, **params)
+    base = lax.gather_p.bind(lk.base(), indices, **params)
     used: set[str] = set(RANK_LETTER)
     kl = _fresh(len(lk.shape), used)
     ks = "".join(kl)
