@@ -120,8 +120,8 @@ def test_load_checks_spec_params_and_target_and_names_the_mismatch(tmp_path):
         lora_jax.load_adapter(path, target)
 
 
-def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in (path / "adapter").rglob("*") if p.is_file() and p.parent.name == "d")
+def _data_files(path: os.PathLike) -> list[pathlib.Path]:
+    return sorted(p for p in (pathlib.Path(path) / "adapter").rglob("*") if p.is_file() and p.parent.name == "d")
 
 
 # orbax bug: after a failed read, tensorstore callbacks still pending hit orbax's closed event loop and

@@ -14,7 +14,6 @@ import difflib
 import json
 import math
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.io._files import as_path, interrupted_hint
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -47,15 +47,20 @@ _KERNEL_KEYS = ("kernel", "embedding", "weight")
 
 
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter.
 
-    path = pathlib.Path(path)
+    ``path`` is a local directory or a URI (``"gs://bucket/peft"``, read through ``etils.epath``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = as_path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such PEFT adapter directory.")
+        raise FileNotFoundError(f"{path}: no such PEFT adapter directory.{interrupted_hint(path)}")
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise ValueError(f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).")
+        raise ValueError(
+            f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).{interrupted_hint(path)}"
+        )
     try:
         config = json.loads((path / CONFIG).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -75,7 +80,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         if key in config and config[key] not in ok:
             raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported by lora_jax's importer.")
     try:
-        raw = load_file(path / WEIGHTS)
+        raw = load((path / WEIGHTS).read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
             f"{path / WEIGHTS}: cannot read the tensors, the file is corrupt or truncated ({e})."
@@ -204,7 +209,8 @@ def import_peft(
     must be present: unknown or missing keys raise, listing them.
 
     Args:
-      path: a PEFT adapter directory (``save_pretrained`` output).
+      path: a PEFT adapter directory (``save_pretrained`` output), local or a
+        URI (``"gs://bucket/peft"``).
       params: the base parameters (arrays or ``jax.ShapeDtypeStruct``), or
         None to take the kernels from the file alone (2-D ``"io"`` kernels at
         ``module/path/kernel``, see the module docstring); then ``name_map``
@@ -233,7 +239,7 @@ def import_peft(
       >>> bool(jnp.all(back["model"]["q_proj"]["kernel"].b == lora["model"]["q_proj"]["kernel"].b)), spec2.rank
       (True, 2)
     """
-    path = pathlib.Path(path)
+    path = as_path(path)
     config, tensors = read_peft(path)
     if params is None:
         if name_map is not None or axes is not None:
