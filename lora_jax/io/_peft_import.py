@@ -46,6 +46,28 @@ from lora_jax.targets._select import _first
 _KERNEL_KEYS = ("kernel", "embedding", "weight")
 
 
+# init_lora_weights values that leave the base weights as they were (PEFT's LoraLayer.update_layer): True
+# (kaiming A, zero B), False (both random), "gaussian", "eva" (zero B), "orthogonal" (BA = 0), "mica" (zero A).
+# The others ("pissa", "pissa_niter_N", "olora", "corda", "loftq", "lora_ga") subtract or quantize the base
+# weights at init, so the saved adapter applies to that modified base only.
+_BASE_UNCHANGED_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _check_init(file: Any, config: dict[str, Any]) -> None:
+    init = config.get("init_lora_weights", True)
+    if any(init is ok or (isinstance(ok, str) and init == ok) for ok in _BASE_UNCHANGED_INITS):
+        return
+    raise ValueError(
+        f"{file}: init_lora_weights={init!r}; lora_jax imports adapters for the unmodified base model, with "
+        f"init_lora_weights one of {', '.join(map(repr, _BASE_UNCHANGED_INITS))}. PEFT's PiSSA/OLoRA/CorDA/LoRA-GA "
+        f"inits subtract their initial product from the base weights and LoftQ quantizes them, so this adapter "
+        f"only applies to that modified base and would give wrong outputs on the original one. Save it converted "
+        f"to a plain LoRA of the original base: model.save_pretrained(out, "
+        f"path_initial_model_for_weight_conversion=<the adapter saved right after init>) (rank doubles; the file "
+        f"then says init_lora_weights=True), or merge it into the modified base in PEFT and load those weights."
+    )
+
+
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter.
 
@@ -79,6 +101,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     for key, ok in unsupported.items():
         if key in config and config[key] not in ok:
             raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported by lora_jax's importer.")
+    _check_init(path / CONFIG, config)
     try:
         raw = load((path / WEIGHTS).read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
@@ -227,7 +250,10 @@ def import_peft(
 
     Raises:
       FileNotFoundError / ValueError: on a missing or malformed adapter,
-        unknown keys, missing layers, or shapes that do not fit ``params``.
+        unknown keys, missing layers, shapes that do not fit ``params``, or an
+        adapter made for a modified base (``init_lora_weights`` ``"pissa"``,
+        ``"olora"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` saved without
+        PEFT's conversion).
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, os
