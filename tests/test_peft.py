@@ -356,3 +356,52 @@ def test_a_pissa_adapter_converted_by_peft_imports_onto_the_original_base(params
     got = T.flax_outputs(lora_jax.apply_lora(params, lora), tokens, image)  # the original base plus the converted one
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- rank_pattern / alpha_pattern in PEFT
+
+
+def test_exported_rank_and_alpha_patterns_set_the_ranks_and_scalings_peft_builds(tmp_path):
+    """One module name is a suffix of another (``fc``, ``block.fc``): the export anchors the key as ``^fc``."""
+    params = {
+        "fc": {"kernel": jnp.ones((8, 6))},
+        "block": {"fc": {"kernel": jnp.ones((8, 6))}, "out": {"kernel": jnp.ones((6, 8))}},
+    }
+    spec = lora_jax.LoraSpec(
+        rank=2,
+        alpha=4.0,
+        targets=["fc", "out"],
+        rank_pattern={"block/fc": 3},
+        alpha_pattern={"^fc$": 10.0},
+        init="random",
+    )
+    lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+    out = lora_jax.export_peft(tmp_path / "a", lora, spec)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"block.fc": 3} and config["alpha_pattern"] == {"^fc": 10}
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.block = torch.nn.Linear(8, 6), Block()
+
+    model = peft.PeftModel.from_pretrained(Model(), str(out))
+    built = {
+        name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+        for name, m in model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    want = {
+        p.rpartition("/")[0].replace("/", "."): (node.rank, node.scale)
+        for p, node in lora_jax.adapter_items(lora).items()
+    }
+    assert built.keys() == want.keys()
+    for name, (r, scale) in want.items():
+        assert built[name][0] == r, name
+        assert built[name][1] == pytest.approx(scale, rel=1e-12), name
+    assert want == {"fc": (2, 5.0), "block.fc": (3, pytest.approx(4 / 3)), "block.out": (2, 2.0)}
