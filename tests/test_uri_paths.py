@@ -135,13 +135,13 @@ def _lora(seed):
 
 def test_save_and_load_pass_a_gs_path_to_orbax_unchanged(bucket):
     path = lora_jax.save_adapter("gs://bucket/run/adapter", _lora(0), SPEC)
-    assert isinstance(path, epath.Path) and str(path) == "gs://bucket/run/adapter"
+    assert isinstance(path, epath.Path) and str(path) == "gs://bucket/run/adapter"  # not a pathlib.Path
     back, spec = lora_jax.load_adapter("gs://bucket/run/adapter", params=PARAMS)
     _same(back, _lora(0))
     assert spec == SPEC
     assert [(op, type(p), str(p)) for op, p in bucket.orbax] == [
-        ("save", type(path), "gs://bucket/run/adapter"),
-        ("restore", type(path), "gs://bucket/run/adapter"),
+        ("save", type(epath.Path(URI)), "gs://bucket/run/adapter"),
+        ("restore", type(epath.Path(URI)), "gs://bucket/run/adapter"),
     ]
     assert lora_jax.read_adapter_meta("gs://bucket/run/adapter")["spec"]["rank"] == 2
     assert (bucket.root / "bucket" / "run" / "adapter" / "adapter_meta" / "metadata").is_file()
@@ -196,7 +196,7 @@ def test_cli_inspect_and_convert_take_gs_paths(bucket, capsys):
 def test_local_str_and_pathlib_paths_still_work(tmp_path):
     for path in (str(tmp_path / "as_str"), tmp_path / "as_pathlib"):
         out = lora_jax.save_adapter(path, _lora(0), SPEC)
-        assert os.fspath(out) == os.fspath(path) and out.is_absolute()
+        assert isinstance(out, pathlib.Path) and os.fspath(out) == os.fspath(path) and out.is_absolute()
         _same(lora_jax.load_adapter(path)[0], _lora(0))
     monkey_rel = lora_jax.export_peft(os.path.relpath(tmp_path / "rel", os.getcwd()), _lora(0), SPEC)
     assert os.fspath(monkey_rel) == os.fspath(tmp_path / "rel")

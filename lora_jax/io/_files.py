@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -43,6 +44,11 @@ def as_path(path: str | os.PathLike) -> epath.Path:
         raise TypeError(f"path must be a str or os.PathLike (e.g. 'gs://bucket/run'); found {type(path).__name__}.")
     p = epath.Path(path)
     return p if is_object_store(p) else p.resolve()
+
+
+def returned(path: epath.Path) -> pathlib.Path | epath.Path:
+    """The path a writer returns: a ``pathlib.Path`` when local (as before URIs were taken), else the URI path."""
+    return path if is_object_store(path) else pathlib.Path(path)
 
 
 def sibling(path: epath.Path, suffix: str) -> epath.Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
-from lora_jax.io._files import NEW, OLD, as_path, interrupted_hint, replace_dir, sibling, sync_processes
+from lora_jax.io._files import NEW, OLD, as_path, interrupted_hint, replace_dir, returned, sibling, sync_processes
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -120,7 +121,9 @@ def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
     return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
 
 
-def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrite: bool = False) -> epath.Path:
+def save_adapter(
+    path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrite: bool = False
+) -> pathlib.Path | epath.Path:
     """Save an adapter tree and its spec as an orbax checkpoint (never base weights).
 
     On a local disk the write is atomic: orbax writes into a temporary
@@ -150,7 +153,8 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
       overwrite: replace an existing checkpoint at ``path``.
 
     Returns:
-      The checkpoint path as an ``etils.epath.Path`` (absolute when local).
+      The checkpoint path: an absolute ``pathlib.Path`` when local, an
+      ``etils.epath.Path`` for a URI.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -183,7 +187,7 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
     if tmp != path and jax.process_index() == 0:
         replace_dir(tmp, path, old=sibling(path, OLD))
     sync_processes(f"lora_jax.save_adapter:{path}")
-    return path
+    return returned(path)
 
 
 # ---------------------------------------------------------------------------- loading

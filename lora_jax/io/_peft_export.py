@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ import numpy as np
 from etils import epath
 
 from lora_jax.adapters._nodes import Trainable
-from lora_jax.io._files import NEW, OLD, as_path, replace_dir, sibling, sync_processes
+from lora_jax.io._files import NEW, OLD, as_path, replace_dir, returned, sibling, sync_processes
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -130,7 +131,7 @@ def export_peft(
     conv: Any = "auto",
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
-) -> epath.Path:
+) -> pathlib.Path | epath.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
 
     Sharded and not fully addressable arrays are gathered first; on several
@@ -165,7 +166,8 @@ def export_peft(
       overwrite: replace an existing adapter directory.
 
     Returns:
-      The path written, an ``etils.epath.Path`` (absolute when local).
+      The path written: an absolute ``pathlib.Path`` when local, an
+      ``etils.epath.Path`` for a URI.
 
     Raises:
       ValueError: if a stacked kernel's module name does not place the layer
@@ -267,4 +269,4 @@ def export_peft(
             raise
         replace_dir(tmp, path, old=sibling(path, OLD))  # if this fails, the complete copies stay for the user
     sync_processes(f"lora_jax.export_peft:{path}")
-    return path
+    return returned(path)
