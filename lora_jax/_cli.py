@@ -3,6 +3,7 @@
 * ``inspect PATH`` prints the summary table of an adapter: an orbax checkpoint
   (:func:`lora_jax.save_adapter`, or a ``CheckpointManager`` step directory)
   or a PEFT adapter directory. Only the adapter is read; no base weights.
+  Paths may be URIs (``gs://bucket/run/adapter``), read through ``etils.epath``.
 * ``convert SRC DST`` converts orbax <-> PEFT (the format of ``SRC`` is
   detected, ``DST`` gets the other). PEFT -> orbax reads the kernels from the
   file: 2-D ``"io"`` kernels at ``module/path/kernel`` (embeddings at
@@ -17,14 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 from typing import Any
+
+from etils import epath
 
 ORBAX, PEFT = "orbax", "peft"
 
 
-def detect_format(path: pathlib.Path) -> str:
+def _path_arg(arg: str) -> epath.Path:
+    """A command-line path: a URI (``gs://...``) keeps its scheme, a local path becomes absolute."""
+    from lora_jax.io._files import as_path
+
+    return as_path(arg)
+
+
+def detect_format(path: epath.Path) -> str:
     """``"orbax"`` or ``"peft"``: which adapter format the directory holds."""
     from lora_jax.io._orbax import META
     from lora_jax.io._peft_import import CONFIG
@@ -43,7 +52,7 @@ def detect_format(path: pathlib.Path) -> str:
     )
 
 
-def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
+def _abstract_lora(path: epath.Path, fmt: str) -> tuple[Any, str]:
     """An adapter tree of ShapeDtypeStructs (no arrays read for orbax) and a description line."""
     import jax
     import jax.numpy as jnp
@@ -72,7 +81,7 @@ def _abstract_lora(path: pathlib.Path, fmt: str) -> tuple[Any, str]:
     return lora, desc
 
 
-def inspect(path: pathlib.Path) -> str:
+def inspect(path: epath.Path) -> str:
     """The text ``inspect`` prints: a description line and the summary table."""
     from lora_jax.transforms._summary import summary
 
@@ -86,7 +95,7 @@ def inspect(path: pathlib.Path) -> str:
     return "\n".join([desc, *lines, footer])
 
 
-def convert(src: pathlib.Path, dst: pathlib.Path, *, name_map: dict | None, overwrite: bool) -> str:
+def convert(src: epath.Path, dst: epath.Path, *, name_map: dict | None, overwrite: bool) -> str:
     """Convert ``src`` to the other format at ``dst``; returns a one-line report."""
     from lora_jax.io._orbax import load_adapter, save_adapter
     from lora_jax.io._peft_export import export_peft
@@ -123,11 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_jax", description="LoRA adapters for JAX: inspect, convert.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the summary table of an orbax or PEFT adapter")
-    p.add_argument("path", type=pathlib.Path)
+    p.add_argument("path", type=_path_arg)
     p = sub.add_parser("convert", help="convert an adapter orbax <-> PEFT (format of SRC detected)")
-    p.add_argument("src", type=pathlib.Path)
-    p.add_argument("dst", type=pathlib.Path)
-    p.add_argument("--name-map", type=pathlib.Path, help="JSON file {param path: torch module name} (orbax -> PEFT)")
+    p.add_argument("src", type=_path_arg)
+    p.add_argument("dst", type=_path_arg)
+    p.add_argument("--name-map", type=_path_arg, help="JSON file {param path: torch module name} (orbax -> PEFT)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p = sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)

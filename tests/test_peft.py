@@ -294,3 +294,114 @@ def test_import_of_a_multi_axis_kernel_trained_in_full_needs_its_layout(tmp_path
         lora_jax.import_peft(tmp_path / "peft", params)
     back, _ = lora_jax.import_peft(tmp_path / "peft", params, axes={"q": "ioo"})
     np.testing.assert_array_equal(back["q"]["kernel"].value, params["q"]["kernel"])
+
+
+# ---------------------------------------------------------------------------- inits that modify the base
+
+
+def _with_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "unknown_init"])
+def test_import_refuses_an_adapter_made_for_a_modified_base(params, peft_adapter, tmp_path, init):
+    _, path = peft_adapter
+    bad = _with_config(path, tmp_path / "x", init_lora_weights=init)
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter_config.json: init_lora_weights='{init}'; lora_jax imports adapters for the unmodified base"
+        r".*would give wrong outputs on the original one.*path_initial_model_for_weight_conversion",
+    ):
+        lora_jax.import_peft(bad, params, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_import_accepts_inits_that_leave_the_base_unchanged(params, peft_adapter, tmp_path, init):
+    _, path = peft_adapter
+    ok = _with_config(path, tmp_path / "x", init_lora_weights=init)
+    lora, _ = lora_jax.import_peft(ok, params, name_map=T.NAME_MAP, axes=T.AXES)
+    want, _ = lora_jax.import_peft(path, params, name_map=T.NAME_MAP, axes=T.AXES)
+    assert jax.tree.structure(lora) == jax.tree.structure(want)
+
+
+def test_a_pissa_adapter_converted_by_peft_imports_onto_the_original_base(params, tmp_path):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["fc", "q_proj"], init_lora_weights="pissa")
+    model = peft.get_peft_model(T.torch_model(params), config)  # PiSSA subtracts B·A from the base weights
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter is saved as plain
+    model.save_pretrained(str(tmp_path / "init"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # stands in for training: move A and B away from their init
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "raw"))
+    with pytest.warns(UserWarning, match="PiSSA changes the base weights"):  # PEFT loads the initial adapter beside it
+        model.save_pretrained(
+            str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "init")
+        )
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa'"):
+        lora_jax.import_peft(tmp_path / "raw", params, name_map=T.NAME_MAP, axes=T.AXES)
+    lora, spec = lora_jax.import_peft(tmp_path / "converted", params, name_map=T.NAME_MAP, axes=T.AXES)
+    assert spec.rank == 4  # PEFT's conversion: [A; A0], [B, -B0]
+    tokens, image = T.inputs(seed=5)
+    want = T.torch_outputs(model.eval(), tokens, image)  # the modified base plus the trained adapter
+    got = T.flax_outputs(lora_jax.apply_lora(params, lora), tokens, image)  # the original base plus the converted one
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- rank_pattern / alpha_pattern in PEFT
+
+
+def test_exported_rank_and_alpha_patterns_set_the_ranks_and_scalings_peft_builds(tmp_path):
+    """One module name is a suffix of another (``fc``, ``block.fc``): the export anchors the key as ``^fc``."""
+    params = {
+        "fc": {"kernel": jnp.ones((8, 6))},
+        "block": {"fc": {"kernel": jnp.ones((8, 6))}, "out": {"kernel": jnp.ones((6, 8))}},
+    }
+    spec = lora_jax.LoraSpec(
+        rank=2,
+        alpha=4.0,
+        targets=["fc", "out"],
+        rank_pattern={"block/fc": 3},
+        alpha_pattern={"^fc$": 10.0},
+        init="random",
+    )
+    lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+    out = lora_jax.export_peft(tmp_path / "a", lora, spec)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"block.fc": 3} and config["alpha_pattern"] == {"^fc": 10}
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.block = torch.nn.Linear(8, 6), Block()
+
+    model = peft.PeftModel.from_pretrained(Model(), str(out))
+    built = {
+        name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+        for name, m in model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    want = {
+        p.rpartition("/")[0].replace("/", "."): (node.rank, node.scale)
+        for p, node in lora_jax.adapter_items(lora).items()
+    }
+    assert built.keys() == want.keys()
+    for name, (r, scale) in want.items():
+        assert built[name][0] == r, name
+        assert built[name][1] == pytest.approx(scale, rel=1e-12), name
+    assert want == {"fc": (2, 5.0), "block.fc": (3, pytest.approx(4 / 3)), "block.out": (2, 2.0)}

@@ -1,12 +1,23 @@
-"""Writing files safely: atomic directory replacement and multi-process barriers."""
+"""Writing files safely: paths with schemes, directory replacement, multi-process barriers.
+
+Every path goes through :func:`as_path`, which gives the path type orbax
+itself uses (``etils.epath.Path``): ``"gs://bucket/run"`` stays a bucket path
+(``pathlib`` would make it a local folder ``gs:/bucket/run``), local paths
+become absolute. Files are read and written through it, so local disks and
+object stores (``gs://``, ``s3://``) take the same code.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-import shutil
+from typing import Any
 
 import jax
+from etils import epath
+
+NEW, OLD = ".lora_jax-new", ".lora_jax-old"  # fixed sibling names, so every process of a job agrees on them
 
 
 def sync_processes(name: str) -> None:
@@ -17,25 +28,94 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def replace_dir(new: pathlib.Path, path: pathlib.Path, *, old: pathlib.Path) -> None:
-    """Put the complete directory ``new`` at ``path``, replacing what is there.
+def is_object_store(path: Any) -> bool:
+    """Whether ``path`` names an object store (``gs://``, ``s3://``, ...), which has no atomic rename."""
+    return "://" in os.fspath(path)
 
-    The previous directory is renamed to ``old`` first and deleted last, so at
-    every moment either the previous or the new directory is complete on disk.
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``etils.epath.Path``: a URI keeps its scheme, a local path becomes absolute.
 
     Example:
-      >>> import pathlib, tempfile
-      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> str(as_path("gs://bucket/run")), as_path("run").is_absolute()
+      ('gs://bucket/run', True)
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (e.g. 'gs://bucket/run'); found {type(path).__name__}.")
+    p = epath.Path(path)
+    return p if is_object_store(p) else p.resolve()
+
+
+def returned(path: epath.Path) -> pathlib.Path | epath.Path:
+    """The path a writer returns: a ``pathlib.Path`` when local (as before URIs were taken), else the URI path."""
+    return path if is_object_store(path) else pathlib.Path(path)
+
+
+def sibling(path: epath.Path, suffix: str) -> epath.Path:
+    """``path`` with ``suffix`` appended to its last name (``run`` -> ``run.lora_jax-new``)."""
+    return path.with_name(path.name + suffix)
+
+
+def interrupted_hint(path: epath.Path) -> str:
+    """A sentence naming the complete copies an interrupted overwrite of ``path`` left behind, or ``""``."""
+    left = [str(p) for p in (sibling(path, OLD), sibling(path, NEW)) if p.is_dir()]
+    if not left:
+        return ""
+    return (
+        f" An interrupted save(..., overwrite=True) left {' and '.join(left)} (the previous or the new version): "
+        f"load from there, or move it back to {path}."
+    )
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Copy every file under ``src`` to the same place under ``dst`` (an object store's "rename")."""
+    for root, _, files in src.walk():
+        target = dst / epath.Path(root).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)  # directories are implicit on object stores
+        for name in files:
+            (epath.Path(root) / name).copy(target / name, overwrite=True)
+
+
+def _remove_quietly(path: epath.Path) -> None:
+    """Delete a directory that is no longer needed; a failure here loses nothing, so it is ignored."""
+    with contextlib.suppress(OSError):
+        path.rmtree(missing_ok=True)
+
+
+def replace_dir(new: epath.Path, path: epath.Path, *, old: epath.Path) -> None:
+    """Put the complete directory ``new`` at ``path``, replacing what is there.
+
+    The previous directory is moved to ``old`` first and deleted last, so at
+    every moment the previous and the new directory are each complete at one
+    of ``path``, ``old`` or ``new``. Locally the moves are atomic renames. On
+    an object store, which has no atomic rename, a move is a copy of every
+    file followed by deleting the source: ``path`` is incomplete for the time
+    of a copy (a reader sees an error, never a mix), nothing is deleted before
+    its copy is complete, and the previous directory is deleted only after
+    the new one is in place.
+
+    Example:
+      >>> import tempfile
+      >>> root = as_path(tempfile.mkdtemp())
       >>> (root / "new").mkdir(); (root / "new" / "f").write_text("2")
       1
       >>> replace_dir(root / "new", root / "ckpt", old=root / "ckpt.old")
       >>> (root / "ckpt" / "f").read_text(), sorted(p.name for p in root.iterdir())
       ('2', ['ckpt'])
     """
+    if not is_object_store(path):
+        if path.exists():
+            old.rmtree(missing_ok=True)  # left over from an interrupted overwrite
+            path.rename(old)
+            new.rename(path)
+            _remove_quietly(old)
+        else:
+            new.rename(path)
+        return
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(new, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, path)
+        old.rmtree(missing_ok=True)
+        _copy_tree(path, old)
+        path.rmtree()
+    _copy_tree(new, path)
+    _remove_quietly(new)
+    _remove_quietly(old)

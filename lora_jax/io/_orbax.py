@@ -23,17 +23,17 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from lora_jax.adapters._registry import SHARED
 from lora_jax.adapters._tree import adapter_items, shared_section
 from lora_jax.io._codec import decode, encode, kernel_shape, upgrade_v1
-from lora_jax.io._files import replace_dir, sync_processes
+from lora_jax.io._files import NEW, OLD, as_path, interrupted_hint, replace_dir, returned, sibling, sync_processes
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -137,24 +137,40 @@ def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
     return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
 
 
-def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrite: bool = False) -> pathlib.Path:
+def save_adapter(
+    path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrite: bool = False
+) -> pathlib.Path | epath.Path:
     """Save an adapter tree and its spec as an orbax checkpoint (never base weights).
 
-    The write is atomic: orbax writes into a temporary directory and renames it
-    when complete, so a killed process leaves no partial checkpoint at
-    ``path``. With ``overwrite=True`` the new checkpoint is completed under a
-    temporary name first and only then swapped in, so a failed save keeps the
-    previous one.
+    On a local disk the write is atomic: orbax writes into a temporary
+    directory and renames it when complete, so a killed process leaves no
+    partial checkpoint at ``path``. With ``overwrite=True`` the new checkpoint
+    is completed at ``<path>.lora_jax-new`` first, then the previous one is
+    renamed to ``<path>.lora_jax-old``, the new one to ``path``, and the
+    previous one deleted: a failed save keeps the previous checkpoint.
+
+    On an object store (``gs://``, ``s3://``) there is no atomic rename:
+    orbax writes in place and marks a finished save with a commit file (a
+    killed first save leaves an incomplete directory that loading refuses, as
+    every array is checksummed), and ``overwrite=True`` still writes the new checkpoint completely before the
+    previous one is touched, then moves the previous one to
+    ``<path>.lora_jax-old`` and the new one to ``path``, each move a copy of
+    every file followed by deleting the source, and deletes the previous one
+    last. A process killed during a move leaves ``path`` incomplete (loading it
+    raises and names the sibling that holds a complete copy), never a mix of
+    the two and never neither.
 
     Args:
-      path: the checkpoint directory to create.
+      path: the checkpoint directory to create: a local path or a URI such as
+        ``"gs://bucket/run/adapter"`` (an ``etils.epath`` path, as orbax uses).
       lora: an adapter tree (may hold sharded arrays; every process must call
         this, orbax writes each process's shards).
       spec: the :class:`LoraSpec` the adapter was made with.
       overwrite: replace an existing checkpoint at ``path``.
 
     Returns:
-      The absolute checkpoint path.
+      The checkpoint path: an absolute ``pathlib.Path`` when local, an
+      ``etils.epath.Path`` for a URI.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -172,41 +188,36 @@ def save_adapter(path: str | os.PathLike, lora: Any, spec: LoraSpec, *, overwrit
     """
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass save_adapter(..., overwrite=True) to replace it.")
     args = adapter_checkpoint_args(lora, spec)  # validates before anything is written
     # fixed names (not random) so that every process of a multi-host job agrees on them
-    tmp = path.with_name(path.name + ".lora_jax-new") if path.exists() else path
+    tmp = sibling(path, NEW) if path.exists() else path
     if tmp != path:
         if jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed overwrite
+            tmp.rmtree(missing_ok=True)  # left over from a killed overwrite
         sync_processes(f"lora_jax.save_adapter.clean:{path}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
         ckpt.save(tmp, args=args)
     if tmp != path and jax.process_index() == 0:
-        replace_dir(tmp, path, old=path.with_name(path.name + ".lora_jax-old"))
+        replace_dir(tmp, path, old=sibling(path, OLD))
     sync_processes(f"lora_jax.save_adapter:{path}")
-    return path
+    return returned(path)
 
 
 # ---------------------------------------------------------------------------- loading
 
 
-def _read_meta(path: pathlib.Path) -> dict[str, Any]:
+def _read_meta(path: epath.Path) -> dict[str, Any]:
     meta_file = path / META / "metadata"
     if not path.is_dir():
-        old = path.with_name(path.name + ".lora_jax-old")
-        if old.is_dir():
-            raise FileNotFoundError(
-                f"{path}: no such checkpoint directory, but an interrupted save_adapter(overwrite=True) left the "
-                f"previous checkpoint at {old}; load it from there or rename it back."
-            )
-        raise FileNotFoundError(f"{path}: no such checkpoint directory.")
+        raise FileNotFoundError(f"{path}: no such checkpoint directory.{interrupted_hint(path)}")
     if not meta_file.is_file():
         raise ValueError(
             f"{path}: not a lora_jax adapter checkpoint (no {META}/metadata inside). Expected a directory "
             f"written by save_adapter or a CheckpointManager step saved with adapter_checkpoint_args."
+            f"{interrupted_hint(path)}"
         )
     try:
         meta = json.loads(meta_file.read_text())
@@ -232,7 +243,7 @@ def _spec_diff(saved: LoraSpec, given: LoraSpec) -> str:
     )
 
 
-def _check_params(path: pathlib.Path, adapters: dict[str, Any], params: Any) -> None:
+def _check_params(path: epath.Path, adapters: dict[str, Any], params: Any) -> None:
     flat = flatten_with_paths(params)
     shapes = {p: kernel_shape(e, p) for p, e in adapters.items()}
     missing = [p for p in adapters if p not in flat]
@@ -252,7 +263,7 @@ def _check_params(path: pathlib.Path, adapters: dict[str, Any], params: Any) -> 
         )
 
 
-def _abstract_arrays(path: pathlib.Path, meta: dict[str, Any], target: Any) -> dict[str, Any]:
+def _abstract_arrays(path: epath.Path, meta: dict[str, Any], target: Any) -> dict[str, Any]:
     """Flat {"path/field": ShapeDtypeStruct} in the saved dtypes, with the target's shardings."""
     adapters = meta["adapters"]
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -294,7 +305,8 @@ def load_adapter(
 
     Args:
       path: a :func:`save_adapter` directory, or ``manager.directory / str(step)``
-        of a ``CheckpointManager`` that saved :func:`adapter_checkpoint_args`.
+        of a ``CheckpointManager`` that saved :func:`adapter_checkpoint_args`;
+        local or a URI (``"gs://bucket/run/adapter"``).
       target: optional adapter tree (arrays or ``jax.ShapeDtypeStruct`` leaves
         with ``.sharding``, e.g. from ``jax.eval_shape(init_lora, ...)`` with
         shardings attached) that says where and in which dtype each array is
@@ -327,7 +339,7 @@ def load_adapter(
     """
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     meta = _read_meta(path)
     try:
         saved_spec = spec_from_json(meta["spec"])
@@ -350,6 +362,7 @@ def load_adapter(
         raise ValueError(
             f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Restore an earlier checkpoint."
+            f"{interrupted_hint(path)}"
         ) from None
     if set(flat) != set(abstract):
         raise ValueError(f"{path}: the adapter arrays do not match their metadata; the checkpoint is corrupt.")
@@ -381,4 +394,4 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
       >>> meta["adapters"]["dense/kernel"]["meta"]["layout"], meta["spec"]["rank"]
       ('io', 2)
     """
-    return _read_meta(pathlib.Path(path).absolute())
+    return _read_meta(as_path(path))

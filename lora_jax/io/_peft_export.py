@@ -37,16 +37,15 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._tree import adapter_items
-from lora_jax.io._files import replace_dir, sync_processes
+from lora_jax.io._files import NEW, OLD, as_path, replace_dir, returned, sibling, sync_processes
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -140,17 +139,28 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     overwrite: bool = False,
-) -> pathlib.Path:
+) -> pathlib.Path | epath.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
 
     Sharded and not fully addressable arrays are gathered first; on several
     processes every process must call this (the gather is collective) and only
-    process 0 writes. Files are written into a temporary directory that is
-    renamed into place, so a failed export leaves no partial adapter.
+    process 0 writes. Files are written into a temporary sibling directory
+    that is renamed into place, so a failed export leaves no partial adapter;
+    with ``overwrite=True`` the previous adapter is renamed aside first and
+    deleted last, so a failed export keeps it.
+
+    On an object store (``gs://``, ``s3://``) there is no atomic rename: the
+    new adapter is still written completely before the previous one is
+    touched, then the previous one is moved to ``<path>.lora_jax-old`` and the
+    new one to ``path``, each move a copy of both files followed by deleting
+    the source, and the previous one is deleted last. A process killed during
+    a move leaves ``path`` incomplete (``import_peft`` raises and names the
+    sibling with a complete copy), never a mix of the two adapters.
 
     Args:
       path: directory to create (holds ``adapter_config.json`` and
-        ``adapter_model.safetensors``).
+        ``adapter_model.safetensors``): a local path or a URI such as
+        ``"gs://bucket/peft"`` (an ``etils.epath`` path).
       lora: the adapter tree.
       spec: its :class:`LoraSpec` (for ``r``, ``lora_alpha``, ``use_rslora``,
         ``lora_dropout``); per-module ranks and alphas that differ from it are
@@ -168,7 +178,8 @@ def export_peft(
       overwrite: replace an existing adapter directory.
 
     Returns:
-      The absolute path written.
+      The path written: an absolute ``pathlib.Path`` when local, an
+      ``etils.epath.Path`` for a URI.
 
     Raises:
       ValueError: if a stacked kernel's module name does not place the layer
@@ -189,9 +200,9 @@ def export_peft(
       >>> {k: v.shape for k, v in load_file(out / "adapter_model.safetensors").items()}
       {'base_model.model.model.q_proj.lora_A.weight': (2, 8), 'base_model.model.model.q_proj.lora_B.weight': (4, 2)}
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     exists = path.exists()
     sync_processes(f"lora_jax.export_peft.check:{path}")  # every process checks before process 0 may write
     if exists and not overwrite:
@@ -271,13 +282,16 @@ def export_peft(
         "revision": None,
     }
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = sibling(path, NEW)
+        tmp.rmtree(missing_ok=True)  # left over from an interrupted export
         try:
-            save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+            tmp.mkdir(parents=True)
+            # bytes through epath (safetensors' own writer only knows local files)
+            (tmp / WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            replace_dir(tmp, path, old=tmp.with_name(tmp.name + ".old"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            tmp.rmtree(missing_ok=True)
+            raise
+        replace_dir(tmp, path, old=sibling(path, OLD))  # if this fails, the complete copies stay for the user
     sync_processes(f"lora_jax.export_peft:{path}")
-    return path
+    return returned(path)

@@ -14,7 +14,6 @@ import difflib
 import json
 import math
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.io._files import as_path, interrupted_hint
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -46,16 +46,43 @@ from lora_jax.targets._select import _first
 _KERNEL_KEYS = ("kernel", "embedding", "weight")
 
 
-def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# init_lora_weights values that leave the base weights as they were (PEFT's LoraLayer.update_layer): True
+# (kaiming A, zero B), False (both random), "gaussian", "eva" (zero B), "orthogonal" (BA = 0), "mica" (zero A).
+# The others ("pissa", "pissa_niter_N", "olora", "corda", "loftq", "lora_ga") subtract or quantize the base
+# weights at init, so the saved adapter applies to that modified base only.
+_BASE_UNCHANGED_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
-    path = pathlib.Path(path)
+
+def _check_init(file: Any, config: dict[str, Any]) -> None:
+    init = config.get("init_lora_weights", True)
+    if any(init is ok or (isinstance(ok, str) and init == ok) for ok in _BASE_UNCHANGED_INITS):
+        return
+    raise ValueError(
+        f"{file}: init_lora_weights={init!r}; lora_jax imports adapters for the unmodified base model, with "
+        f"init_lora_weights one of {', '.join(map(repr, _BASE_UNCHANGED_INITS))}. PEFT's PiSSA/OLoRA/CorDA/LoRA-GA "
+        f"inits subtract their initial product from the base weights and LoftQ quantizes them, so this adapter "
+        f"only applies to that modified base and would give wrong outputs on the original one. Save it converted "
+        f"to a plain LoRA of the original base: model.save_pretrained(out, "
+        f"path_initial_model_for_weight_conversion=<the adapter saved right after init>) (rank doubles; the file "
+        f"then says init_lora_weights=True), or merge it into the modified base in PEFT and load those weights."
+    )
+
+
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter.
+
+    ``path`` is a local directory or a URI (``"gs://bucket/peft"``, read through ``etils.epath``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = as_path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such PEFT adapter directory.")
+        raise FileNotFoundError(f"{path}: no such PEFT adapter directory.{interrupted_hint(path)}")
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise ValueError(f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).")
+        raise ValueError(
+            f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).{interrupted_hint(path)}"
+        )
     try:
         config = json.loads((path / CONFIG).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -74,8 +101,9 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     for key, ok in unsupported.items():
         if key in config and config[key] not in ok:
             raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported by lora_jax's importer.")
+    _check_init(path / CONFIG, config)
     try:
-        raw = load_file(path / WEIGHTS)
+        raw = load((path / WEIGHTS).read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
             f"{path / WEIGHTS}: cannot read the tensors, the file is corrupt or truncated ({e})."
@@ -204,7 +232,8 @@ def import_peft(
     must be present: unknown or missing keys raise, listing them.
 
     Args:
-      path: a PEFT adapter directory (``save_pretrained`` output).
+      path: a PEFT adapter directory (``save_pretrained`` output), local or a
+        URI (``"gs://bucket/peft"``).
       params: the base parameters (arrays or ``jax.ShapeDtypeStruct``), or
         None to take the kernels from the file alone (2-D ``"io"`` kernels at
         ``module/path/kernel``, see the module docstring); then ``name_map``
@@ -221,7 +250,10 @@ def import_peft(
 
     Raises:
       FileNotFoundError / ValueError: on a missing or malformed adapter,
-        unknown keys, missing layers, or shapes that do not fit ``params``.
+        unknown keys, missing layers, shapes that do not fit ``params``, or an
+        adapter made for a modified base (``init_lora_weights`` ``"pissa"``,
+        ``"olora"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` saved without
+        PEFT's conversion).
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, os
@@ -233,7 +265,7 @@ def import_peft(
       >>> bool(jnp.all(back["model"]["q_proj"]["kernel"].b == lora["model"]["q_proj"]["kernel"].b)), spec2.rank
       (True, 2)
     """
-    path = pathlib.Path(path)
+    path = as_path(path)
     config, tensors = read_peft(path)
     if params is None:
         if name_map is not None or axes is not None:
