@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,11 +106,15 @@ def test_materialize_takes_regexes():
     np.testing.assert_allclose(np.asarray(out), np.asarray(fn(lora_jax.apply_lora(PARAMS, LORA), X)), rtol=1e-6)
 
 
+def _with_dropout(lora, p):
+    return jax.tree.map(lambda n: dataclasses.replace(n, dropout=p), lora, is_leaf=lora_jax.is_adapter)
+
+
 def test_lora_dropout_matches_closed_form_with_known_mask():
     p, key = 0.4, jax.random.key(3)
     fn = lambda prm, x: x @ prm["dense"]["kernel"] + prm["dense"]["bias"]  # noqa: E731
-    g = factored(fn, dropout=p)
-    out = jax.jit(lambda lo, k: g(PARAMS, lo, X, dropout_rng=k))(LORA, key)
+    g = factored(fn)  # the rate comes from the adapter
+    out = jax.jit(lambda lo, k: g(PARAMS, lo, X, dropout_rng=k))(_with_dropout(LORA, p), key)
     mask = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 1 - p, X.shape), np.float64)
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
     node = LORA["dense"]["kernel"]
@@ -116,14 +122,38 @@ def test_lora_dropout_matches_closed_form_with_known_mask():
     expected = x @ w + bias + 0.75 * ((mask * x / (1 - p)) @ f64(node.a)) @ f64(node.b)
     assert 0 < mask.sum() < mask.size
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
-    # without a key there is no dropout (evaluation), and the base path never sees the mask
-    no_drop = g(PARAMS, LORA, X)
+    # deterministic (evaluation): no dropout, and the base path never sees the mask
+    no_drop = factored(fn, deterministic=True)(PARAMS, _with_dropout(LORA, p), X)
     np.testing.assert_allclose(np.asarray(no_drop), np.asarray(fn(lora_jax.apply_lora(PARAMS, LORA), X)), rtol=1e-5)
 
 
-def test_dropout_rate_is_validated():
-    with pytest.raises(ValueError, match=r"factored\(dropout=...\) must be in \[0, 1\)"):
-        factored(lambda p: p, dropout=1.0)
+def test_dropout_without_a_key_raises_unless_the_call_is_deterministic():
+    fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731
+    lora = _with_dropout(LORA, 0.1)
+    with pytest.raises(
+        ValueError, match=r"LoRA dropout \(1 kernel\(s\): dense/kernel \(0.1\)\) but the call got no dropout_rng"
+    ):
+        factored(fn)(PARAMS, lora, X)
+    with pytest.raises(ValueError, match=r"deterministic=True\) was called with a dropout_rng"):
+        factored(fn, deterministic=True)(PARAMS, lora, X, dropout_rng=jax.random.key(0))
+    factored(fn)(PARAMS, LORA, X)  # no dropout recorded: no key needed
+
+
+def test_the_spec_dropout_reaches_factored_through_the_adapter():
+    fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731
+    lora = lora_jax.init_lora(
+        jax.random.key(0), PARAMS, lora_jax.LoraSpec(rank=2, targets=["dense"], dropout=0.3, init="random")
+    )
+    assert lora["dense"]["kernel"].dropout == 0.3
+    key = jax.random.key(8)
+    out = factored(fn)(PARAMS, lora, X, dropout_rng=key)
+    node = lora["dense"]["kernel"]
+    mask = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 0.7, X.shape), np.float64)
+    x = np.asarray(X, np.float64)
+    want = x @ np.asarray(PARAMS["dense"]["kernel"], np.float64) + node.scale * (
+        (mask * x / 0.7) @ np.asarray(node.a, np.float64)
+    ) @ np.asarray(node.b, np.float64)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_adapter_raises_with_path():
@@ -137,7 +167,8 @@ def test_lora_dropout_inside_scan_draws_a_mask_per_step():
     w = _rand(6, (2, 6, 6))
     node = LoraWeights(a=_rand(7, (2, 6, 2)), b=_rand(8, (2, 2, 6)), scale=0.5, layout="bio")
     fn = lambda prm, x: jax.lax.scan(lambda h, k: (h @ k, None), x, prm["k"])[0]  # noqa: E731
-    out = jax.jit(lambda lo, k: factored(fn, dropout=p)({"k": w}, lo, X, dropout_rng=k))({"k": node}, key)
+    node = dataclasses.replace(node, dropout=p)
+    out = jax.jit(lambda lo, k: factored(fn)({"k": w}, lo, X, dropout_rng=k))({"k": node}, key)
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
     h = f64(X)
     for i in range(2):  # the scan is use 0; inside it, step i's first use has key fold_in(fold_in(key, 0), i), 0)
@@ -159,7 +190,7 @@ def test_lora_dropout_inside_while_loop_draws_a_mask_per_iteration():
 
         return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, jnp.zeros((3, 4))))[1]
 
-    out = factored(fn, dropout=0.5)({"k": w}, {"k": node}, x, dropout_rng=jax.random.key(5))
+    out = factored(fn)({"k": w}, {"k": dataclasses.replace(node, dropout=0.5)}, x, dropout_rng=jax.random.key(5))
     assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])  # one mask per iteration
     plain = factored(fn)({"k": w}, {"k": node}, x)
     np.testing.assert_allclose(plain, fn({"k": node.apply_to(w)}, x), rtol=1e-5, atol=1e-5)
@@ -175,7 +206,7 @@ def test_lora_dropout_inside_cond_does_not_reuse_the_mask_of_an_earlier_use():
         second = jax.lax.cond(True, lambda: x @ prm["k"], lambda: 2.0 * (x @ prm["k"]))
         return jnp.stack([first, second])
 
-    out = factored(fn, dropout=0.5)({"k": w}, {"k": node}, x, dropout_rng=jax.random.key(6))
+    out = factored(fn)({"k": w}, {"k": dataclasses.replace(node, dropout=0.5)}, x, dropout_rng=jax.random.key(6))
     assert not np.allclose(out[0], out[1])  # two uses, two independent masks
 
 

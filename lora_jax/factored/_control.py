@@ -83,7 +83,7 @@ def scan(invals: list[Any], params: dict[str, Any], ctx: Any, run: Run) -> list[
             packed.append(scanned)
         else:
             packed.append(x)
-    site_key = ctx.next_key() if ctx.dropout > 0 else None
+    site_key = ctx.next_key()
     steps = None if site_key is None else jnp.arange(params["length"])  # per-step dropout keys
 
     def body(carry_in, xs_in, c=ctx):
@@ -106,7 +106,7 @@ def scan(invals: list[Any], params: dict[str, Any], ctx: Any, run: Run) -> list[
 
 def cond(invals: list[Any], params: dict[str, Any], ctx: Any, run: Run) -> list[Any]:
     index, ops = invals[0], invals[1:]
-    site_key = ctx.next_key() if ctx.dropout > 0 else None  # its own dropout key, not one a site outside reuses
+    site_key = ctx.next_key()  # its own dropout key, not one a site outside reuses
 
     def branch(br: Any, c: Any) -> Callable[..., list[Any]]:
         return lambda *xs: run(br.jaxpr, br.consts, xs, c.child(site_key))
@@ -128,7 +128,7 @@ def while_loop(invals: list[Any], params: dict[str, Any], ctx: Any, run: Run) ->
     nc, nb = params["cond_nconsts"], params["body_nconsts"]
     cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
     cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
-    site_key = ctx.next_key() if ctx.dropout > 0 else None
+    site_key = ctx.next_key()
 
     def body(carry: list[Any], c: Any = ctx) -> list[Any]:
         step, *rest = carry  # a step counter, so that every iteration draws its own dropout mask

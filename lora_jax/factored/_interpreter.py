@@ -70,11 +70,10 @@ _CUSTOM_RULE = {"custom_jvp_call": "jax.custom_jvp", "custom_vjp_call": "jax.cus
 
 @dataclasses.dataclass
 class _Context:
-    """Per-call state of the interpreter (options, report, dropout key)."""
+    """Per-call state of the interpreter (options, report, dropout key: None when no dropout is applied)."""
 
     materialize: tuple[str, ...]
     on_materialize: Callable[[str, str], None] | None
-    dropout: float
     key: jax.Array | None
     report: dict[str, list[str]]
     site: int = 0
@@ -93,11 +92,12 @@ class _Context:
         self.site += 1
         return jax.random.fold_in(self.key, self.site - 1)
 
-    def dropout_fn(self) -> Callable[[jax.Array], jax.Array]:
-        key = self.next_key() if self.dropout > 0 else None
+    def dropout_fn(self, rate: float) -> Callable[[jax.Array], jax.Array]:
+        """The dropout of one factored use, at the rate its adapter records (a fresh mask per use)."""
+        key = self.next_key() if rate > 0 else None
         if key is None:
             return lambda x: x
-        keep = 1.0 - self.dropout
+        keep = 1.0 - rate
 
         def drop(x: jax.Array) -> jax.Array:
             mask = jax.random.bernoulli(key, keep, x.shape)
@@ -189,10 +189,11 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
         if out is not None:
             return [out]
     out = None
+    rate = lazy[0].dropout if len(lazy) == 1 else 0.0
     if name == "dot_general":
-        out = rules.dot_general(invals, params, ctx.dropout_fn())
+        out = rules.dot_general(invals, params, ctx.dropout_fn(rate))
     elif name == "conv_general_dilated":
-        out = rules.conv_general_dilated(invals, params, ctx.dropout_fn())
+        out = rules.conv_general_dilated(invals, params, ctx.dropout_fn(rate))
     elif name == "gather":
         out = rules.gather(invals, params)
     if out is not None:
@@ -210,8 +211,9 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
 class Factored:
     """The function returned by :func:`factored`; call it, or ``.explain(...)`` it."""
 
-    def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, dropout: float):
-        self.fn, self.materialize, self.on_materialize, self.dropout = fn, materialize, on_materialize, dropout
+    def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, deterministic: bool):
+        self.fn, self.materialize, self.on_materialize = fn, materialize, on_materialize
+        self.deterministic = deterministic
         # eager calls: fn is traced every call, the evaluator compiled once per Program (see _eager)
         self._compiled = jax.jit(self._evaluate, static_argnums=(5, 6))
 
@@ -262,11 +264,30 @@ class Factored:
             if capture is not None:
                 return capture.append(program)
         jaxpr, consts, out_tree = program
-        if self.dropout > 0 and dropout_rng is not None and jnp.issubdtype(jnp.asarray(dropout_rng).dtype, jnp.integer):
-            dropout_rng = jax.random.wrap_key_data(dropout_rng)
-        ctx = _Context(self.materialize, self.on_materialize, self.dropout, dropout_rng, report)
+        ctx = _Context(self.materialize, self.on_materialize, self._dropout_key(items, dropout_rng), report)
         outs = [ctx.settle(x, "output of the function") for x in _eval(jaxpr, consts, [*inputs, *dyn], ctx)]
         return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    def _dropout_key(self, items: dict[str, Any], dropout_rng: Any) -> jax.Array | None:
+        """The key dropout masks are drawn from: None when no adapter has dropout or the call is deterministic."""
+        rates = {p: low.dropout for p, low in items.items() if isinstance(low, LowRank) and low.dropout > 0}
+        if not rates or self.deterministic:
+            if dropout_rng is not None and self.deterministic:
+                raise ValueError(
+                    "factored(fn, deterministic=True) was called with a dropout_rng: a deterministic call applies no "
+                    "dropout. Drop the key, or use factored(fn) to train with dropout."
+                )
+            return None
+        if dropout_rng is None:
+            shown = ", ".join(f"{p} ({r:g})" for p, r in list(rates.items())[:3])
+            raise ValueError(
+                f"the adapter has LoRA dropout ({len(rates)} kernel(s): {shown}{', ...' if len(rates) > 3 else ''}) "
+                f"but the call got no dropout_rng. Pass dropout_rng=key to train with dropout, or use "
+                f"factored(fn, deterministic=True) (or apply_lora) to evaluate without it."
+            )
+        if jnp.issubdtype(jnp.asarray(dropout_rng).dtype, jnp.integer):
+            dropout_rng = jax.random.wrap_key_data(dropout_rng)
+        return dropout_rng
 
     def _trace(self, pdef: Any, leaves: list, static: tuple, dyn: list) -> tuple[Any, list, Any]:
         """``(jaxpr, consts, out_tree)`` of ``fn`` with the parameter leaves and array arguments as inputs."""
@@ -284,7 +305,7 @@ def factored(
     *,
     materialize: Iterable[str] | str = (),
     on_materialize: Callable[[str, str], None] | None = None,
-    dropout: float = 0.0,
+    deterministic: bool = False,
 ) -> Factored:
     """Wrap ``fn(params, *args)`` to run with every adapted kernel factored.
 
@@ -321,11 +342,14 @@ def factored(
         factored; every such use is reported (``on_materialize`` and ``explain``).
       on_materialize: called at trace time as ``on_materialize(path, primitive)``
         for every materialized use.
-      dropout: LoRA dropout rate on the adapter input (PEFT's ``lora_dropout``;
-        pass ``spec.dropout``). Applied only when the call gets ``dropout_rng``:
+      deterministic: evaluate without LoRA dropout. Each adapter records its
+        dropout rate (``LoraSpec(dropout=...)``, PEFT's ``lora_dropout``); when
+        some rate is above zero, a call must get ``dropout_rng`` (training:
         ``y = x·W + s·(drop(x)·A)·B`` with ``drop(x) = mask·x/(1-p)``, the mask of
-        the k-th factored use drawn as ``bernoulli(fold_in(dropout_rng, k), 1-p, x.shape)``
-        (inside a scan, ``k`` indexes the scan's key, folded with the step).
+        the k-th factored use with dropout drawn as
+        ``bernoulli(fold_in(dropout_rng, k), 1-p, x.shape)``; inside a scan, ``k``
+        indexes the scan's key, folded with the step), or the wrapper must be
+        ``deterministic=True`` (evaluation); a call with neither raises.
 
     Returns:
       A callable ``(params, lora, *args, dropout_rng=None, **kwargs)`` with an
@@ -333,6 +357,8 @@ def factored(
       consumed each adapted kernel.
 
     Raises:
+      ValueError: when an adapter has dropout and the call has no
+        ``dropout_rng`` and the wrapper is not ``deterministic``.
       FactoredError: (a ``ValueError``) when an adapted kernel reaches an
         operation that cannot be factored and its path is not in ``materialize``;
         the message names the primitive and the parameter path.
@@ -352,9 +378,9 @@ def factored(
     """
     if isinstance(materialize, str):
         materialize = (materialize,)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"factored(dropout=...) must be in [0, 1) (pass spec.dropout); found {dropout!r}.")
-    return Factored(fn, tuple(materialize), on_materialize, float(dropout))
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"factored(deterministic=...) must be True or False; found {deterministic!r}.")
+    return Factored(fn, tuple(materialize), on_materialize, deterministic)
 
 
 __all__ = ["FactoredError", "factored"]

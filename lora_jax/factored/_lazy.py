@@ -57,6 +57,7 @@ class LazyKernel:
     scale: float = dataclasses.field(metadata={"static": True})
     path: str = dataclasses.field(metadata={"static": True})
     cast: Any = dataclasses.field(default=None, metadata={"static": True})  # a narrower dtype, applied at use
+    dropout: float = dataclasses.field(default=0.0, metadata={"static": True})  # the adapter's LoRA dropout rate
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -100,7 +101,7 @@ def from_weights(w: jax.Array, node: Any, path: str) -> LazyKernel:
     b_perm = [b_src.index(None)] + [b_src.index(k) for k in sorted([*batch, *outs])]
     a = jnp.transpose(node.a, a_perm)
     b = jnp.transpose(node.b, b_perm)
-    return LazyKernel(jax.lax.stop_gradient(w), a, b, kinds, float(node.scale), path)
+    return LazyKernel(jax.lax.stop_gradient(w), a, b, kinds, float(node.scale), path, dropout=float(node.dropout))
 
 
 def delta(lk: LazyKernel) -> jax.Array:
