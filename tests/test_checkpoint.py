@@ -350,3 +350,15 @@ def test_a_checkpoint_written_by_lora_jax_0_1_loads_and_applies_as_it_did(tmp_pa
     got = flatten_with_paths(lora_jax.apply_lora(params, lora))
     for key in expected.files:
         np.testing.assert_array_equal(np.asarray(got[key.replace(".", "/")]), expected[key])
+
+
+def test_a_0_1_checkpoint_saved_with_dropout_keeps_it_on_every_adapter(tmp_path):
+    # lora_jax 0.1 kept the dropout in the spec only (it was passed to factored); nodes record it now
+    shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "checkpoint_v1", tmp_path / "v1")
+    meta_file = tmp_path / "v1" / "adapter_meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["spec"]["dropout"] = 0.1  # the JSON record is not covered by the array checksums
+    meta_file.write_text(json.dumps(meta))
+    lora, spec = lora_jax.load_adapter(tmp_path / "v1")
+    assert spec.dropout == 0.1
+    assert {n.dropout for n in lora_jax.adapter_items(lora).values() if type(n) is lora_jax.LoraWeights} == {0.1}

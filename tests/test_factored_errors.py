@@ -253,3 +253,8 @@ def test_kernel_reaching_a_custom_jvp_function_raises_naming_it():
     relu_kernel = lambda p, x: x @ jax.nn.relu(p["dense"]["kernel"])  # noqa: E731  (jax.nn.relu is a custom_jvp)
     with pytest.raises(lora_jax.FactoredError, match=r"dense/kernel: .*custom_jvp_call \(a jax.custom_jvp function"):
         lora_jax.factored(relu_kernel)(params, lora, x)
+
+
+def test_explain_traces_an_adapter_with_dropout_without_a_key():
+    fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731
+    assert factored(fn).explain(PARAMS, _with_dropout(LORA, 0.2), X) == {"dense/kernel": ("dot_general",)}

@@ -129,3 +129,24 @@ def test_frozen_a_survives_a_checkpoint_and_summary_counts_it_apart(tmp_path):
     s = lora_jax.summary(PARAMS, lora)
     assert s.trainable_params == 4 * 16 + 4 * 4 and s.frozen_params == 8 * 4 + 16 * 4
     assert "A(8, 4) frozen" in str(s)
+
+
+def test_combine_refuses_parts_of_different_adapters():
+    trainable, _ = split(init_lora(jax.random.key(0), PARAMS, FA))
+    _, other = split(init_lora(jax.random.key(0), PARAMS, FA.replace(rank=1, rank_pattern={"out": 1})))
+    with pytest.raises(ValueError, match=r"hidden/kernel: the adapter's factors do not fit each other"):
+        combine(trainable, other)
+    with pytest.raises(TypeError, match=r"combine\(trainable, frozen\): frozen must be an adapter tree"):
+        combine(trainable, None)
+
+
+def test_a_split_part_is_refused_by_save_split_and_export(tmp_path):
+    trainable, _ = split(init_lora(jax.random.key(0), PARAMS, FA))
+    for call in (
+        lambda: lora_jax.save_adapter(tmp_path / "a", trainable, FA),
+        lambda: lora_jax.export_peft(tmp_path / "p", trainable, FA),
+        lambda: split(trainable),
+    ):
+        with pytest.raises(ValueError, match=r"hidden/kernel: the adapter node has no value for a.*combine"):
+            call()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()

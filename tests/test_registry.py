@@ -120,6 +120,8 @@ def test_a_subclass_of_a_registered_type_is_refused_not_treated_as_its_parent():
         lambda: lora_jax.summary(PARAMS, lora),
         lambda: lora_jax.adapter_shardings({"dense": {"kernel": P()}}, lora),
         lambda: lora_jax.save_adapter("/nonexistent/never-written", lora, LoraSpec(rank=2, targets=["dense"])),
+        lambda: lora_jax.only_adapters(__import__("optax").adam(0.1)).init(lora),  # not silently frozen
+        lambda: lora_jax.split(lora),
     ):
         with pytest.raises(TypeError, match=r"dense/kernel: .*Dora is not a registered adapter node type.*subclasses"):
             call()
@@ -154,3 +156,42 @@ def test_register_adapter_refuses_a_taken_name_and_a_class_without_lower():
 
     with pytest.raises(TypeError, match=r"has no lower\(\) method"):
         lora_jax.register_adapter(NoLower, name="test-no-lower")
+
+
+def test_register_adapter_refuses_a_class_that_is_a_pytree_already():
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Prebuilt:
+        a: jax.Array
+        layout: str = _static(default="io")
+
+        def lower(self, shared):
+            return LowRank(self.a, self.a, scale=1.0, layout=self.layout)
+
+        def field_axes(self):
+            return {"a": "BIr"}
+
+    with pytest.raises(TypeError, match=r"is a pytree already .* let register_adapter register the pytree"):
+        lora_jax.register_adapter(Prebuilt, name="test-prebuilt")
+
+
+def test_a_lowered_form_whose_factors_do_not_fit_raises_naming_the_path():
+    @lora_jax.register_adapter(name="test-misfit")
+    @dataclasses.dataclass(frozen=True)
+    class Misfit:
+        a: jax.Array
+        b: jax.Array
+
+        def lower(self, shared):
+            return LowRank(self.a, self.b, scale=1.0, layout="io")
+
+        def field_axes(self):
+            return {"a": "BIr", "b": "BrO"}
+
+    lora = {
+        "dense": {"kernel": Misfit(jnp.ones((6, 2)), jnp.ones((1, 5)))}
+    }  # rank 2 against rank 1: einsum would broadcast
+    with pytest.raises(
+        ValueError, match=r"dense/kernel: the adapter's factors do not fit each other: A \(6, 2\) and B \(1, 5\)"
+    ):
+        apply_lora(PARAMS, lora)

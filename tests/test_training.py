@@ -162,3 +162,16 @@ def test_only_adapters_with_labels_trains_the_trainable_copy_not_also_the_base_l
     np.testing.assert_array_equal(new_params["head"]["kernel"], params["head"]["kernel"])
     assert not np.array_equal(new_lora["head"]["kernel"].value, lora["head"]["kernel"].value)
     assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (4 * 2 + 2 * 3 + 3 * 2) + 1  # no state for the base head
+
+
+def test_only_adapters_with_labels_finds_params_when_the_adapter_tree_has_the_same_structure():
+    # every params leaf adapted or copied: the adapter tree has the params' structure, and must not take the labels
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    spec = LoraSpec(rank=2, targets=["dense"], trainable=["bias"])
+    lora = init_lora(rbg_key(0), params, spec)
+    tx = only_adapters(optax.sgd(0.5), labels=partition(params, spec))
+    tree = (params, lora)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
+    new_params, new_lora = optax.apply_updates(tree, updates)
+    jax.tree.map(np.testing.assert_array_equal, new_params, params)  # the base is unchanged; its bias copy trains
+    np.testing.assert_array_equal(new_lora["dense"]["bias"].value, lora["dense"]["bias"].value - 0.5)

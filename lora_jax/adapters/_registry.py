@@ -27,7 +27,6 @@ as its parent.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -115,8 +114,15 @@ def register_adapter(cls: type | None = None, *, name: str) -> Any:
     fields = dataclasses.fields(cls)
     statics = tuple(f.name for f in fields if f.metadata.get("static"))
     arrays = tuple(f.name for f in fields if not f.metadata.get("static"))
-    with contextlib.suppress(ValueError):  # registered as a pytree already (e.g. @jax.tree_util.register_dataclass)
+    try:
         jax.tree_util.register_dataclass(cls, data_fields=list(arrays), meta_fields=list(statics))
+    except ValueError:
+        raise TypeError(
+            f"register_adapter: {_qualname(cls)} is a pytree already (@jax.tree_util.register_dataclass, "
+            f"flax.struct.dataclass, ...), whose static fields register_adapter cannot read. Use a plain "
+            f"@dataclasses.dataclass(frozen=True), mark static fields with "
+            f"dataclasses.field(metadata={{'static': True}}), and let register_adapter register the pytree."
+        ) from None
     entry = NodeType(cls, name, arrays, statics)
     _BY_TYPE[cls] = _BY_NAME[name] = entry
     return cls
@@ -132,6 +138,11 @@ def is_adapter(x: object) -> bool:
       (True, False)
     """
     return type(x) in _BY_TYPE
+
+
+def is_node_like(x: object) -> bool:
+    """Whether ``x`` is an instance of a registered type or of a subclass of one (which :func:`node_type` refuses)."""
+    return isinstance(x, tuple(_BY_TYPE))
 
 
 def node_type(node: Any, path: str = "") -> NodeType:
@@ -175,8 +186,8 @@ def arrays_of(node: Any) -> dict[str, Any]:
     return {f: getattr(node, f) for f in node_type(node).arrays}
 
 
-def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") -> LowRank | Replace:
-    """``node.lower(shared)`` with its frozen fields and the shared arrays wrapped in ``stop_gradient``."""
+def check_whole(node: Any, path: str = "") -> NodeType:
+    """``node_type(node)``, after checking that no array field is a hole left by :func:`lora_jax.split`."""
     entry = node_type(node, path)
     holes = [f for f in entry.arrays if getattr(node, f) is None]
     if holes:
@@ -184,6 +195,12 @@ def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") ->
             f"{path or type(node).__name__}: the adapter node has no value for {', '.join(holes)}: it is one part "
             f"of lora_jax.split(lora). Join the parts with lora_jax.combine(trainable, frozen) first."
         )
+    return entry
+
+
+def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") -> LowRank | Replace:
+    """``node.lower(shared)`` with its frozen fields and the shared arrays wrapped in ``stop_gradient``."""
+    check_whole(node, path)
     frozen = frozen_fields(node)
     if frozen:
         node = dataclasses.replace(node, **{f: jax.lax.stop_gradient(getattr(node, f)) for f in frozen})
@@ -191,10 +208,34 @@ def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") ->
     out = node.lower(shared)
     if not isinstance(out, (LowRank, Replace)):
         raise TypeError(
-            f"{path}: {_qualname(type(node))}.lower() returned {type(out).__name__}; it must return a LowRank or a "
-            f"Replace (lora_jax.adapters._lowered)."
+            f"{path or _qualname(type(node))}: {_qualname(type(node))}.lower() returned {type(out).__name__}; it must "
+            f"return a LowRank or a Replace (lora_jax.adapters._lowered)."
         )
+    if isinstance(out, LowRank):
+        _check_low_rank(out, path or _qualname(type(node)))
     return out
+
+
+def _check_low_rank(low: LowRank, where: str) -> None:
+    """A and B must fit each other and the layout: ``(*batch, *in, r)`` and ``(*batch, r, *out)``."""
+    layout, a, b = low.layout, tuple(low.a.shape), tuple(low.b.shape)
+    nb, ni, no = (layout.count(c) for c in "bio") if isinstance(layout, str) else (0, 0, 0)
+    ok = (
+        isinstance(layout, str)
+        and set(layout) <= {"b", "i", "o"}
+        and ni > 0
+        and no > 0
+        and len(a) == nb + ni + 1
+        and len(b) == nb + 1 + no
+        and a[:nb] == b[:nb]
+        and a[-1] == b[nb]
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: the adapter's factors do not fit each other: A {a} and B {b} with layout {layout!r}. Expected "
+            f"A (*batch, *in, r) and B (*batch, r, *out) with the same batch sizes and rank (one 'b' per batch axis, "
+            f"at least one 'i' and one 'o'). Were the two parts of lora_jax.split taken from different adapters?"
+        )
 
 
 def lowered_shape(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") -> LowRank | Replace:

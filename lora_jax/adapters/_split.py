@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from lora_jax.adapters._registry import SHARED, frozen_fields, is_adapter, node_type
+from lora_jax.adapters._registry import SHARED, check_whole, frozen_fields, is_adapter, lowered_shape, node_type
 from lora_jax.adapters._tree import adapter_items
 from lora_jax.targets._paths import map_with_paths
 
@@ -19,7 +19,8 @@ def _holes(node: Any, keep_frozen: bool) -> Any:
 
 
 def _map_nodes(lora: Any, fn: Any) -> Any:
-    adapter_items(lora)  # validates every node
+    for path, node in adapter_items(lora).items():
+        check_whole(node, path)  # a part of an earlier split is not split again
     return jax.tree_util.tree_map(lambda x: fn(x) if is_adapter(x) else x, lora, is_leaf=is_adapter)
 
 
@@ -81,6 +82,12 @@ def combine(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]
       >>> bool((node.a == lora["d"]["kernel"].a).all()), float(node.b[0, 0])
       (True, 1.0)
     """
+    for name, part in (("trainable", trainable), ("frozen", frozen)):
+        if not isinstance(part, Mapping):
+            raise TypeError(
+                f"combine(trainable, frozen): {name} must be an adapter tree (a dict, as lora_jax.split returns); "
+                f"found {type(part).__name__}."
+            )
     body_t = {k: v for k, v in trainable.items() if k != SHARED}
     body_f = {k: v for k, v in frozen.items() if k != SHARED}
     st, sf = (
@@ -110,6 +117,7 @@ def combine(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]
                 )
             values[name] = a if a is not None else b
         joined[path] = dataclasses.replace(t, **values)
+        lowered_shape(joined[path], frozen.get(SHARED), path)  # the two parts must fit each other (rank, shapes)
     out = map_with_paths(lambda p, x: joined[p] if is_adapter(x) else x, body_t, is_leaf=is_adapter)
     if SHARED in frozen:
         out = {**out, SHARED: frozen[SHARED]}

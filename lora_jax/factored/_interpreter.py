@@ -243,7 +243,8 @@ class Factored:
         leaf shows ``"materialized (<primitive>)"``.
         """
         report: dict[str, list[str]] = {}
-        jax.eval_shape(lambda: self._run(params, lora, args, kwargs, None, report))
+        key = None if self.deterministic else jax.random.key(0)  # traced only: no dropout is drawn, none is checked
+        jax.eval_shape(lambda: self._run(params, lora, args, kwargs, key, report))
         paths = [p for p, n in lowered_items(lora).items() if isinstance(n, LowRank)]
         return {p: tuple(report.get(p, ())) for p in paths}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from lora_jax.adapters._registry import arrays_of, lowered_shape, node_type, type_by_name
+from lora_jax.adapters._registry import arrays_of, check_whole, lowered_shape, type_by_name
 
 
 def _to_json(value: Any) -> Any:
@@ -31,7 +31,7 @@ def _from_json(value: Any) -> Any:
 
 def encode(node: Any, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(arrays, meta)``: a node's array fields and its JSON record (``type`` and static ``meta``)."""
-    entry = node_type(node, path)
+    entry = check_whole(node, path)
     try:
         meta = {f: _to_json(getattr(node, f)) for f in entry.statics}
     except TypeError as e:
@@ -51,10 +51,15 @@ def decode(entry: dict[str, Any], arrays: dict[str, Any], path: str) -> Any:
         ) from None
 
 
-def upgrade_v1(entry: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 record in today's form (``"lora"`` kept its fields at the top, ``"trainable"`` had none)."""
+def upgrade_v1(entry: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record in today's form (``"lora"`` kept its fields at the top, ``"trainable"`` had none).
+
+    Version 1 kept LoRA dropout in the spec only (it was passed to ``factored``); today each node records it,
+    so it is taken from the saved spec.
+    """
     if entry.get("type") == "lora" and "meta" not in entry:
         meta = {k: entry[k] for k in ("scale", "layout", "kind") if k in entry}
+        meta["dropout"] = float(spec.get("dropout", 0.0) or 0.0)
         return {"type": "lora", "meta": meta, "arrays": entry["arrays"]}
     if entry.get("type") == "trainable" and "meta" not in entry:
         return {"type": "trainable", "meta": {}, "arrays": entry["arrays"]}

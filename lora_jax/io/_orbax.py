@@ -226,7 +226,11 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("adapters"), dict):
         raise ValueError(f"{path}: {META}/metadata is not a {FORMAT} record; the checkpoint is corrupt or foreign.")
     if meta.get("version") == 1:  # lora_jax 0.1: the same arrays, node metadata at the top of each entry
-        meta = {**meta, "version": VERSION, "adapters": {p: upgrade_v1(e) for p, e in meta["adapters"].items()}}
+        meta = {
+            **meta,
+            "version": VERSION,
+            "adapters": {p: upgrade_v1(e, meta.get("spec", {})) for p, e in meta["adapters"].items()},
+        }
     if meta.get("version") != VERSION:
         raise ValueError(
             f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads versions 1 and {VERSION}. "

@@ -44,7 +44,7 @@ import numpy as np
 from etils import epath
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
-from lora_jax.adapters._tree import adapter_items
+from lora_jax.adapters._tree import adapter_items, lowered_items
 from lora_jax.io._files import NEW, OLD, as_path, replace_dir, returned, sibling, sync_processes
 from lora_jax.io._peft_names import (
     CONFIG,
@@ -157,6 +157,12 @@ def export_peft(
     a move leaves ``path`` incomplete (``import_peft`` raises and names the
     sibling with a complete copy), never a mix of the two adapters.
 
+    PEFT has no notion of a frozen A (LoRA-FA, ``LoraSpec(freeze_a=True)``):
+    its A and B are written as ordinary ``lora_A``/``lora_B`` tensors, the
+    outputs are the same, and :func:`lora_jax.import_peft` reads the files back
+    as plain LoRA (A trains). To resume LoRA-FA training, keep the orbax
+    checkpoint (:func:`lora_jax.save_adapter` records ``frozen``).
+
     Args:
       path: directory to create (holds ``adapter_config.json`` and
         ``adapter_model.safetensors``): a local path or a URI such as
@@ -221,6 +227,7 @@ def export_peft(
             )
         owner[name] = p
 
+    lowered_items(lora)  # every node whole (not a part of lora_jax.split) and consistent, before anything is written
     for p, node in adapter_items(lora).items():
         if type(node) not in (LoraWeights, Trainable):  # PEFT names per node type: each variant brings its own
             raise TypeError(

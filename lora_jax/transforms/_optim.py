@@ -8,9 +8,10 @@ from typing import Any
 import jax
 import optax
 
-from lora_jax.adapters._nodes import Trainable
-from lora_jax.adapters._registry import SHARED, frozen_fields, is_adapter
-from lora_jax.targets._paths import map_with_paths
+from lora_jax.adapters._lowered import Replace
+from lora_jax.adapters._registry import SHARED, frozen_fields, is_adapter, is_node_like, lowered_shape, node_type
+from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.targets._paths import map_with_paths, path_str
 from lora_jax.targets._select import TRAINABLE
 
 _TRAIN, _FREEZE = "train", "freeze"
@@ -23,22 +24,28 @@ def _node_labels(node: Any) -> Any:
 
 
 def _adapter_labels(tree: Any) -> Any:
-    def one(x: Any) -> Any:
-        if is_adapter(x):
+    def one(kp: tuple, x: Any) -> Any:
+        if is_node_like(x):
+            node_type(x, path_str(kp))  # a subclass of a node type raises here, rather than being frozen silently
             return _node_labels(x)
         return _FREEZE
 
-    out = jax.tree_util.tree_map(one, tree, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node_like)
     if isinstance(tree, Mapping) and SHARED in tree:  # the shared section is frozen by definition
         out = {**out, SHARED: jax.tree_util.tree_map(lambda _: _FREEZE, tree[SHARED])}
     return out
 
 
 def _has_copy(lora: Any) -> set[str]:
-    """Paths that an adapter tree trains as a full copy (:class:`Trainable`)."""
-    found: set[str] = set()
-    map_with_paths(lambda p, x: found.add(p) if type(x) is Trainable else None, lora, is_leaf=is_adapter)
-    return found
+    """Paths that an adapter tree trains as a full copy (nodes that lower to :class:`Replace`)."""
+    if not _holds_nodes(lora):
+        return set()
+    shared = shared_section(lora)
+    return {p for p, node in adapter_items(lora).items() if isinstance(lowered_shape(node, shared, p), Replace)}
+
+
+def _holds_nodes(tree: Any) -> bool:
+    return any(is_node_like(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node_like))
 
 
 def _labels(tree: Any, labels: Any) -> Any:
@@ -65,8 +72,10 @@ def _labels(tree: Any, labels: Any) -> Any:
         return relabel(out, labels, set())
     # A container such as (params, lora): the labels apply to the element with the params' structure.
     if isinstance(tree, (tuple, list)):
-        matches = [
-            k for k, sub in enumerate(tree) if jax.tree_util.tree_structure(sub, is_leaf=is_adapter) == structure
+        matches = [  # the params element: the labels' structure, and no adapter nodes
+            k
+            for k, sub in enumerate(tree)
+            if not _holds_nodes(sub) and jax.tree_util.tree_structure(sub, is_leaf=is_adapter) == structure
         ]
         if matches:
             copies = set().union(*(_has_copy(sub) for k, sub in enumerate(tree) if k not in matches))
