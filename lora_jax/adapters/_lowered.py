@@ -27,7 +27,8 @@ from lora_jax.targets import _layout
 from lora_jax.targets._paths import is_base_leaf
 
 
-def _static(**kwargs: Any) -> Any:
+def static_field(**kwargs: Any) -> Any:
+    """A dataclass field that is static pytree metadata (scale, layout, ...), not an array child."""
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
@@ -53,10 +54,10 @@ class LowRank:
 
     a: jax.Array
     b: jax.Array
-    scale: float = _static()
-    layout: str = _static()
-    kind: str = _static(default="linear")
-    dropout: float = _static(default=0.0)
+    scale: float = static_field()
+    layout: str = static_field()
+    kind: str = static_field(default="linear")
+    dropout: float = static_field(default=0.0)
 
     @property
     def rank(self) -> int:

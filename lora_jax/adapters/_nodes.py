@@ -22,13 +22,9 @@ from typing import Any
 import jax
 
 from lora_jax.adapters import _lowered
-from lora_jax.adapters._lowered import LowRank, Replace
+from lora_jax.adapters._lowered import LowRank, Replace, static_field
 from lora_jax.adapters._registry import lower, register_adapter
 from lora_jax.targets import _layout
-
-
-def _static(**kwargs):
-    return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
 @register_adapter(name="lora")
@@ -60,11 +56,11 @@ class LoraWeights:
 
     a: jax.Array
     b: jax.Array
-    scale: float = _static(default=1.0)
-    layout: str = _static(default="io")
-    kind: str = _static(default="linear")
-    dropout: float = _static(default=0.0)
-    frozen: tuple[str, ...] = _static(default=())
+    scale: float = static_field(default=1.0)
+    layout: str = static_field(default="io")
+    kind: str = static_field(default="linear")
+    dropout: float = static_field(default=0.0)
+    frozen: tuple[str, ...] = static_field(default=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen", tuple(self.frozen))

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from lora_jax.adapters._registry import SHARED, check_whole, frozen_fields, is_adapter, lowered_shape, node_type
-from lora_jax.adapters._tree import adapter_items
+from lora_jax.adapters._tree import adapter_items, body
 from lora_jax.targets._paths import map_with_paths
 
 
@@ -54,7 +54,7 @@ def split(lora: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     trainable = _map_nodes(lora, lambda n: _holes(n, keep_frozen=False))
     frozen = _map_nodes(lora, lambda n: _holes(n, keep_frozen=True))
     if isinstance(lora, Mapping) and SHARED in lora:
-        trainable = {k: v for k, v in trainable.items() if k != SHARED}
+        trainable = body(trainable)
         frozen = {**frozen, SHARED: lora[SHARED]}
     return trainable, frozen
 
@@ -88,8 +88,7 @@ def combine(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]
                 f"combine(trainable, frozen): {name} must be an adapter tree (a dict, as lora_jax.split returns); "
                 f"found {type(part).__name__}."
             )
-    body_t = {k: v for k, v in trainable.items() if k != SHARED}
-    body_f = {k: v for k, v in frozen.items() if k != SHARED}
+    body_t, body_f = body(trainable), body(frozen)
     st, sf = (
         jax.tree_util.tree_structure(body_t, is_leaf=is_adapter),
         jax.tree_util.tree_structure(body_f, is_leaf=is_adapter),

@@ -22,6 +22,11 @@ def _is_node(x: Any) -> bool:
     return is_adapter(x) or (dataclasses.is_dataclass(x) and not isinstance(x, type))
 
 
+def body(lora: Any) -> Any:
+    """The adapter tree without its shared section."""
+    return {k: v for k, v in lora.items() if k != SHARED} if isinstance(lora, Mapping) else lora
+
+
 def adapter_items(lora: Any) -> dict[str, Any]:
     """The adapter nodes of an adapter tree, keyed by parameter path (the shared section left out).
 
@@ -35,8 +40,7 @@ def adapter_items(lora: Any) -> dict[str, Any]:
       >>> list(adapter_items(lora))
       ['dense/kernel']
     """
-    body = {k: v for k, v in lora.items() if k != SHARED} if isinstance(lora, Mapping) else lora
-    items = flatten_with_paths(body, is_leaf=_is_node)
+    items = flatten_with_paths(body(lora), is_leaf=_is_node)
     for path, node in items.items():
         if not is_adapter(node):
             if dataclasses.is_dataclass(node):

@@ -2,9 +2,10 @@
 
 A checkpoint holds the adapter arrays and a JSON record, never base weights:
 
-* item ``"adapter"`` (``ocp.args.StandardSave``): one ``{"a", "b"}`` (or
-  ``{"value"}`` for a leaf trained in full) per adapted path, nested like the
-  adapter tree;
+* item ``"adapter"`` (``ocp.args.StandardSave``): per adapted path, the
+  node's array fields (``{"a", "b"}`` for LoRA, ``{"value"}`` for a leaf
+  trained in full, whatever a registered variant has), nested like the adapter
+  tree, and the shared section's arrays once under ``"__shared__"``;
 * item ``"adapter_meta"`` (``ocp.args.JsonSave``): the :class:`LoraSpec`, and
   per path the node's record (:mod:`lora_jax.io._codec`: its registered type
   name, static metadata such as ``scale``, ``layout``, ``kind``), shapes,
