@@ -234,7 +234,9 @@ def init_lora_sharded(
     The adapters are made under ``jax.jit`` with ``out_shardings`` from
     :func:`adapter_shardings`, so each device computes and holds only its part:
     no device ever holds a full copy of a sharded adapter. The values equal
-    :func:`lora_jax.init_lora`'s (same per-path keys).
+    ``jax.jit(lora_jax.init_lora)``'s (same per-path keys; an eager, unsharded
+    ``init_lora`` may differ in the last bit where XLA fuses the init
+    differently, e.g. ``init="random"``).
 
     Args:
       key: a JAX PRNG key.
