@@ -54,22 +54,18 @@ def detect_format(path: epath.Path) -> str:
 
 def _abstract_lora(path: epath.Path, fmt: str) -> tuple[Any, str]:
     """An adapter tree of ShapeDtypeStructs (no arrays read for orbax) and a description line."""
-    import jax
-    import jax.numpy as jnp
-
-    from lora_jax.io._codec import decode
+    from lora_jax.io._codec import abstract_tree
     from lora_jax.io._orbax import read_adapter_meta
-    from lora_jax.targets._paths import nest
 
     if fmt == ORBAX:
         meta = read_adapter_meta(path)
-        out = {}
-        for p, e in meta["adapters"].items():
-            sds = {f: jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"])) for f, i in e["arrays"].items()}
-            out[p] = decode(e, sds, p)
+        try:
+            lora = abstract_tree(meta["adapters"], meta.get("shared", {}))  # the shared section included
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         s = meta["spec"]
         desc = f"orbax adapter checkpoint {path}: rank={s['rank']} alpha={s['alpha']:g} rslora={s['rslora']}"
-        return nest(out), desc
+        return lora, desc
     from lora_jax.io._peft_import import import_peft, read_peft
 
     config, _ = read_peft(path)
@@ -88,8 +84,9 @@ def inspect(path: epath.Path) -> str:
     lora, desc = _abstract_lora(path, detect_format(path))
     s = summary({}, lora)
     lines = str(s).splitlines()[:-1]  # the footer's totals need base params, which an adapter does not hold
+    counts = f"{s.trainable_params:,}" + (f" trainable + {s.frozen_params:,} frozen" if s.frozen_params else "")
     footer = (
-        f"adapter params: {s.trainable_params:,} || adapter bytes: {s.trainable_bytes:,} || "
+        f"adapter params: {counts} || adapter bytes: {s.trainable_bytes:,} || "
         f"base params: not stored in an adapter (lora_jax.summary(params, lora) gives totals)"
     )
     return "\n".join([desc, *lines, footer])

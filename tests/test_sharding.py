@@ -184,6 +184,10 @@ def test_megatron_2d_mesh_training_equals_single_device_for_apply_lora_and_facto
     _check(eight_device_run, "train")
 
 
+def test_lora_fa_trainable_part_trains_sharded_with_optimizer_shardings_and_a_never_moves(eight_device_run):
+    _check(eight_device_run, "frozen_train")
+
+
 def test_pmap_data_parallel_loop_equals_single_device(eight_device_run):
     _check(eight_device_run, "pmap")
 
@@ -208,3 +212,40 @@ def test_optimizer_shardings_accepts_unconstrained_adapters():
     )(lora)
     assert state[0].mu["a"]["kernel"].b.sharding.spec == P(None, "model")
     assert state[0].mu["b"]["kernel"].b.sharding.spec == P()
+
+
+def test_each_part_of_split_gets_adapter_shardings_and_the_trainable_part_optimizer_shardings():
+    mesh = jax.make_mesh((1,), ("model",))
+    params = {
+        "mlp_in": {"kernel": jax.ShapeDtypeStruct((8, 32), jnp.float32)},
+        "mlp_out": {"kernel": jax.ShapeDtypeStruct((32, 8), jnp.float32)},
+        "head": {"kernel": jnp.ones((8, 4))},
+    }
+    specs = {"mlp_in": {"kernel": P(None, "model")}, "mlp_out": {"kernel": P("model", None)}, "head": {"kernel": P()}}
+    spec = LoraSpec(rank=2, targets=["mlp_in", "mlp_out"], trainable=["head"], freeze_a=True)  # LoRA-FA
+    lora = lora_jax.init_lora_sharded(jax.random.key(0), params, spec, shardings=specs, mesh=mesh)
+    derived = lora_jax.adapter_shardings(specs, lora, mesh=mesh)
+    trainable, frozen = lora_jax.split(lora)
+    for part, want in zip((trainable, frozen), lora_jax.split(derived), strict=True):
+        assert lora_jax.adapter_shardings(specs, part, mesh=mesh) == want  # holes stay None
+    tx = optax.adamw(1e-3)
+    sh = lora_jax.optimizer_shardings(tx, trainable)
+    assert lora_jax.optimizer_shardings(tx, trainable, shardings=lora_jax.split(derived)[0]) == sh
+    state = jax.jit(tx.init, out_shardings=sh)(trainable)
+    mu = state[0].mu
+    assert mu["mlp_in"]["kernel"].a is None and mu["mlp_in"]["kernel"].b.sharding == NamedSharding(
+        mesh, P(None, "model")
+    )
+    assert mu["mlp_out"]["kernel"].b.sharding == NamedSharding(mesh, P())
+    assert mu["head"]["kernel"].value.sharding == NamedSharding(mesh, P())
+    with pytest.raises(ValueError, match=r"optimizer_shardings: shardings does not have the structure of lora"):
+        lora_jax.optimizer_shardings(tx, trainable, shardings=derived)  # the whole tree's, for a part
+
+
+def test_a_split_part_that_does_not_fit_its_base_is_an_error():
+    params = {"mlp_in": {"kernel": jax.ShapeDtypeStruct((8, 32), jnp.float32)}}
+    lora = lora_jax.init_lora(jax.random.key(0), params, LoraSpec(rank=2, freeze_a=True))
+    trainable, _ = lora_jax.split(lora)
+    wrong = {"mlp_in": {"kernel": jax.ShapeDtypeStruct((8, 16), jnp.float32)}}
+    with pytest.raises(ValueError, match=r"mlp_in/kernel: the adapter's arrays \(b\(2, 32\), layout 'io'\) do not fit"):
+        lora_jax.adapter_shardings(wrong, trainable)

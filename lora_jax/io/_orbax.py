@@ -33,7 +33,7 @@ from etils import epath
 
 from lora_jax.adapters._registry import SHARED
 from lora_jax.adapters._tree import adapter_items, shared_section
-from lora_jax.io._codec import decode, encode, kernel_shape, upgrade_v1
+from lora_jax.io._codec import abstract_tree, decode, encode, kernel_shapes, upgrade_v1
 from lora_jax.io._files import NEW, OLD, as_path, interrupted_hint, replace_dir, returned, sibling, sync_processes
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
@@ -248,9 +248,13 @@ def _spec_diff(saved: LoraSpec, given: LoraSpec) -> str:
     )
 
 
-def _check_params(path: epath.Path, adapters: dict[str, Any], params: Any) -> None:
+def _check_params(path: epath.Path, meta: dict[str, Any], params: Any) -> None:
     flat = flatten_with_paths(params)
-    shapes = {p: kernel_shape(e, p) for p, e in adapters.items()}
+    adapters = meta["adapters"]
+    try:
+        shapes = kernel_shapes(abstract_tree(adapters, meta.get("shared", {})))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     missing = [p for p in adapters if p not in flat]
     wrong = [
         f"{p} (adapter fits {shapes[p]}, params hold {tuple(getattr(flat[p], 'shape', ()))})"
@@ -357,7 +361,7 @@ def load_adapter(
         )
     adapters = meta["adapters"]
     if params is not None:
-        _check_params(path, adapters, params)
+        _check_params(path, meta, params)
     abstract = _abstract_arrays(path, meta, target)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
@@ -381,10 +385,11 @@ def load_adapter(
         wanted = _flat_arrays(target)
         flat = {k: x.astype(wanted[k].dtype) if k in wanted else x for k, x in flat.items()}
     out = {p: decode(entry, {f: flat[f"{p}/{f}"] for f in entry["arrays"]}, p) for p, entry in adapters.items()}
+    tree = nest(dict(sorted(out.items())))
     shared = {k.partition("/")[2]: x for k, x in flat.items() if k.startswith(f"{SHARED}/")}
     if shared:
-        out[SHARED] = shared
-    return nest(dict(sorted(out.items()))), saved_spec
+        tree[SHARED] = nest(shared)  # as saved: a nested shared section comes back nested
+    return tree, saved_spec
 
 
 def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:

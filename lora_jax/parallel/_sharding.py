@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from lora_jax.adapters._init import init_unsharded
-from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape
+from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape, node_type
 from lora_jax.adapters._tree import adapter_items, shared_section
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
@@ -107,12 +107,79 @@ def field_entries(template: str, entries: list[Any], layout: str) -> list[Any]:
     return [e for letter in template for e in groups[letter]]
 
 
-def _derive_one(path: str, base: Any, node: Any, shared: Any, mesh: Any) -> Any:
-    low = lowered_shape(node, shared, path)
-    layout = getattr(low, "layout", None) or "o" * len(low.kernel_shape)  # a Replace has the kernel's own axes
-    templates = check_field_axes(node, path)
+def _holes(node: Any) -> list[str]:
+    """The array fields of ``node`` without a value (``None``: it is one part of :func:`lora_jax.split`)."""
+    return [f for f in node_type(node).arrays if getattr(node, f) is None]
+
+
+def _kernel_form(path: str, node: Any, shared: Any, base_leaf: Any) -> str:
+    """The layout of the kernel ``node`` adapts, checked against the base leaf's shape where it has one.
+
+    A whole node is lowered (its layout and kernel shape are those of its
+    lowered form). A part of ``split(lora)`` cannot be lowered: a node with
+    holes lacks arrays, and a node of the trainable part of a tree with a
+    shared section lacks the shared arrays it reads. For those the node's
+    static ``layout`` field gives the layout, and the arrays present are
+    checked against the base shape through their ``field_axes`` templates.
+    """
+    holes = _holes(node)
+    base_shape = tuple(base_leaf.shape) if isinstance(base_leaf, (jax.Array, jax.ShapeDtypeStruct)) else None
+    if not holes:
+        try:
+            low = lowered_shape(node, shared, path)
+        except LookupError as e:  # it reads a shared array this tree does not hold
+            if shared:
+                raise
+            layout = _static_layout(path, node, f"it reads a shared array this tree lacks ({type(e).__name__}: {e})")
+        else:
+            kernel_shape = tuple(low.kernel_shape)
+            if base_shape is not None and base_shape != kernel_shape:
+                raise ValueError(
+                    f"{path}: the adapter fits a kernel of shape {kernel_shape}, but the base leaf "
+                    f"has shape {base_shape}; the adapter was made for other params."
+                )
+            return getattr(low, "layout", None) or "o" * len(kernel_shape)  # a Replace has the kernel's own axes
+    else:
+        layout = _static_layout(path, node, f"it has no value for {', '.join(holes)}")
+    if base_shape is not None:
+        _check_part_shapes(path, node, layout, base_shape)
+    return layout
+
+
+def _static_layout(path: str, node: Any, why: str) -> str:
+    layout = getattr(node, "layout", None)
+    if not isinstance(layout, str) or not layout:
+        raise TypeError(
+            f"{path}: this {type(node).__name__} node cannot be lowered ({why}: it is one part of "
+            f"lora_jax.split(lora)) and has no static 'layout' field to read the kernel layout from. Derive the "
+            f"shardings of the whole tree and split them: lora_jax.split(lora_jax.adapter_shardings(shardings, lora))."
+        )
+    return layout
+
+
+def _check_part_shapes(path: str, node: Any, layout: str, base_shape: tuple[int, ...]) -> None:
+    """The arrays present in a part of a split node fit the base kernel (by their ``field_axes`` templates)."""
+    present = {f: tuple(x.shape) for f, x in ((f, getattr(node, f)) for f in node_type(node).arrays) if x is not None}
+    fits = len(layout) == len(base_shape)
+    if fits:
+        templates = check_field_axes(node, path)
+        for name, shape in present.items():
+            dims = field_entries(templates[name], list(base_shape), layout)  # None where the node's own axis is
+            fits = (
+                fits and len(shape) == len(dims) and all(d is None or d == g for g, d in zip(shape, dims, strict=True))
+            )
+    if not fits:
+        raise ValueError(
+            f"{path}: the adapter's arrays ({', '.join(f'{f}{s}' for f, s in present.items())}, layout {layout!r}) "
+            f"do not fit the base leaf of shape {base_shape}; the adapter was made for other params."
+        )
+
+
+def _derive_one(path: str, base: Any, node: Any, layout: str, mesh: Any) -> Any:
+    templates = {f: t for f, t in check_field_axes(node, path).items() if getattr(node, f) is not None}
+    holes = dict.fromkeys(_holes(node))  # a part of split(lora): its holes stay None
     if base is None:
-        return dataclasses.replace(node, **{f: None for f in templates})
+        return dataclasses.replace(node, **{f: None for f in templates}, **holes)
     if isinstance(base, PartitionSpec):
         entries, wrap = (
             _entries(path, base, layout),
@@ -121,8 +188,8 @@ def _derive_one(path: str, base: Any, node: Any, shared: Any, mesh: Any) -> Any:
     elif isinstance(base, NamedSharding):
         entries = _entries(path, base.spec, layout)
         wrap = lambda p: NamedSharding(base.mesh, p, memory_kind=base.memory_kind)  # noqa: E731
-    elif base.is_fully_replicated:
-        return dataclasses.replace(node, **{f: base for f in templates})  # the adapter lives where the kernel lives
+    elif base.is_fully_replicated:  # the adapter lives where the kernel lives
+        return dataclasses.replace(node, **{f: base for f in templates}, **holes)
     else:
         raise TypeError(
             f"{path}: the base kernel has a {type(base).__name__}, which does not name its partitioned "
@@ -130,8 +197,30 @@ def _derive_one(path: str, base: Any, node: Any, shared: Any, mesh: Any) -> Any:
             f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
         )
     return dataclasses.replace(
-        node, **{f: wrap(_trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}
+        node, **{f: wrap(_trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}, **holes
     )
+
+
+def _shared_shardings(section: Any, bases: list[Any], mesh: Any) -> Any:
+    """Shardings of the shared section: replicated where the adapted kernels live, in the form theirs take.
+
+    ``NamedSharding(mesh, P())`` on the mesh given or the kernels' mesh;
+    ``P()`` when the kernels have ``PartitionSpec``\\ s; the one fully
+    replicated sharding of the kernels (a single device); else ``None``. It
+    depends on the base shardings only, so every part of ``split`` gets the
+    same as the whole tree.
+    """
+    named = [s for s in bases if isinstance(s, NamedSharding)]
+    others = {s for s in bases if isinstance(s, Sharding) and not isinstance(s, NamedSharding)}
+    if mesh is not None or named:
+        target = NamedSharding(mesh if mesh is not None else named[0].mesh, PartitionSpec())
+    elif any(isinstance(s, PartitionSpec) for s in bases):
+        target = PartitionSpec()
+    elif len(others) == 1 and next(iter(others)).is_fully_replicated:
+        (target,) = others
+    else:
+        target = None
+    return jax.tree_util.tree_map(lambda _: target, section)
 
 
 def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:
@@ -143,6 +232,15 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
     structure of ``lora`` (``LoraWeights`` nodes holding shardings in ``a`` and
     ``b``), so it can be passed as ``jax.jit(..., out_shardings=...)`` or to
     ``jax.device_put``.
+
+    The shared section (``lora["__shared__"]``, frozen arrays every node reads)
+    is replicated where the adapted kernels live: ``NamedSharding(mesh, P())``
+    on their mesh, ``P()`` for ``PartitionSpec`` base shardings. ``lora`` may
+    be one part of :func:`lora_jax.split`: its holes stay ``None`` and the
+    result equals that part of ``split(adapter_shardings(shardings, whole))``.
+    A node that cannot be lowered there (it lacks arrays, or the shared arrays
+    it reads) takes its layout from its static ``layout`` field, and the arrays
+    it has are checked against the base leaf's shape.
 
     Args:
       shardings: a tree with the structure of the params (or a tree of which
@@ -160,14 +258,17 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       A tree shaped like ``lora`` with a sharding (or spec) per array.
 
     Raises:
-      ValueError: if an adapter path is missing from ``shardings`` or a
-        partition has more entries than the kernel has axes.
+      ValueError: if an adapter path is missing from ``shardings``, a
+        partition has more entries than the kernel has axes, or the adapter
+        does not fit the base leaf's shape.
       TypeError: on a sharding that does not name its axes (not a
-        ``NamedSharding``) and is not fully replicated.
+        ``NamedSharding``) and is not fully replicated, or on a node of a split
+        part that cannot be lowered and has no static ``layout`` field.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jax.sharding import PartitionSpec as P
+      >>> import lora_jax
       >>> from lora_jax import LoraSpec, init_lora
       >>> params = {"mlp_in": {"kernel": jnp.ones((8, 32))}, "mlp_out": {"kernel": jnp.ones((32, 8))}}
       >>> specs = {"mlp_in": {"kernel": P(None, "model")}, "mlp_out": {"kernel": P("model", None)}}
@@ -177,10 +278,16 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       (P(), P(None, 'model'))
       >>> sh["mlp_out"]["kernel"].a, sh["mlp_out"]["kernel"].b
       (P('model',), P())
+      >>> fa = init_lora(jax.random.key(0), params, LoraSpec(rank=4, freeze_a=True))  # LoRA-FA: A frozen
+      >>> trainable, frozen = lora_jax.split(fa)
+      >>> node = adapter_shardings(specs, trainable)["mlp_in"]["kernel"]  # of the trainable part only
+      >>> node.a, node.b
+      (None, P(None, 'model'))
     """
     flat = flatten_with_paths(shardings, is_leaf=_is_sharding_leaf)
     shared = shared_section(lora)
     out: dict[str, Any] = {}
+    bases = []
     for path, node in adapter_items(lora).items():
         if path not in flat:
             near = difflib.get_close_matches(path, list(flat), n=3, cutoff=0.0)
@@ -190,20 +297,15 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
                 f"adapter was made for."
             )
         base = _base_sharding(path, flat[path])
-        kernel_shape = tuple(lowered_shape(node, shared, path).kernel_shape)
-        if isinstance(flat[path], (jax.Array, jax.ShapeDtypeStruct)) and tuple(flat[path].shape) != kernel_shape:
-            raise ValueError(
-                f"{path}: the adapter fits a kernel of shape {kernel_shape}, but the base leaf "
-                f"has shape {tuple(flat[path].shape)}; the adapter was made for other params."
-            )
-        out[path] = _derive_one(path, base, node, shared, mesh)
+        bases.append(base)
+        if len(_holes(node)) == len(node_type(node).arrays):  # the node has no array in this part of split(lora)
+            out[path] = node
+            continue
+        layout = _kernel_form(path, node, shared, flat[path])
+        out[path] = _derive_one(path, base, node, layout, mesh)
     result = map_with_paths(lambda p, x: out[p] if is_adapter(x) else x, _body(lora), is_leaf=is_adapter)
-    if shared:  # shared frozen arrays are replicated over the mesh the adapters live on
-        meshes = [s.mesh for s in jax.tree_util.tree_leaves(list(out.values())) if isinstance(s, NamedSharding)]
-        mesh = mesh or (meshes[0] if meshes else None)
-        result[SHARED] = jax.tree_util.tree_map(
-            lambda _: None if mesh is None else NamedSharding(mesh, PartitionSpec()), lora[SHARED]
-        )
+    if shared:  # shared frozen arrays are replicated where the adapters live
+        result[SHARED] = _shared_shardings(lora[SHARED], bases, mesh)
     return result
 
 
@@ -315,21 +417,26 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
     ``nu``, momentum, EMA, ...) gets that array's sharding; any other leaf
     (step counts, factored second moments) is replicated over the mesh.
 
+    ``lora`` may be the trainable part of :func:`lora_jax.split` (the tree
+    optimized when the adapter holds frozen arrays): its holes have no state.
+
     Args:
       tx: an optax ``GradientTransformation``.
-      lora: the adapter tree (sharded arrays, or abstract with ``.sharding``).
-      shardings: the adapter shardings (e.g. from :func:`adapter_shardings`);
-        by default the ``.sharding`` of ``lora``'s arrays.
+      lora: the adapter tree, or a part of ``split`` (sharded arrays, or
+        abstract with ``.sharding``).
+      shardings: the adapter shardings, of the same tree (e.g.
+        ``adapter_shardings(params_shardings, lora)``); by default the
+        ``.sharding`` of ``lora``'s arrays.
 
     Returns:
       A tree with the structure of ``tx.init(lora)`` holding shardings.
 
     Raises:
       ValueError: if no adapter array carries a ``NamedSharding`` to take the
-        mesh from.
+        mesh from, or ``shardings`` has another structure than ``lora``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax, lora_jax
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> from lora_jax import LoraSpec
       >>> mesh = jax.make_mesh((1,), ("model",))
@@ -340,22 +447,25 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
       >>> state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, lora))(lora)
       >>> state[0].mu["mlp_in"]["kernel"].b.sharding.spec
       P(None, 'model')
+      >>> fa = init_lora_sharded(jax.random.key(0), params, LoraSpec(rank=4, freeze_a=True), shardings=specs, mesh=mesh)
+      >>> trainable, frozen = lora_jax.split(fa)  # optimize B only
+      >>> state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, trainable))(trainable)
+      >>> state[0].mu["mlp_in"]["kernel"].a is None, state[0].mu["mlp_in"]["kernel"].b.sharding.spec
+      (True, P(None, 'model'))
     """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(lora)  # a hole (None, from split) is no leaf
     if shardings is None:
-        shardings = jax.tree_util.tree_map(lambda x: x.sharding, lora)
-    arrays = dict(
-        zip(
-            (_key_strs(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(lora)[0]),
-            zip(
-                jax.tree_util.tree_leaves(lora),
-                jax.tree_util.tree_leaves(  # None (no constraint, as adapter_shardings gives it) stays a leaf
-                    shardings, is_leaf=lambda s: s is None or isinstance(s, (Sharding, PartitionSpec))
-                ),
-                strict=True,
-            ),
-            strict=True,
-        )
-    )
+        per_leaf = [getattr(x, "sharding", None) for _, x in leaves]
+    else:
+        try:  # one sharding (or None: no constraint) per array of lora; holes are None in both
+            per_leaf = jax.tree_util.tree_structure(lora).flatten_up_to(shardings)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"optimizer_shardings: shardings does not have the structure of lora ({' '.join(str(e).split())}). "
+                f"Pass the shardings of this same tree: adapter_shardings(params_shardings, lora); for a part of "
+                f"lora_jax.split(lora), derive them from that part (its holes stay None)."
+            ) from None
+    arrays = {_key_strs(kp): (x, s) for (kp, x), s in zip(leaves, per_leaf, strict=True)}
     meshes = [s.mesh for _, s in arrays.values() if isinstance(s, NamedSharding)]
     if not meshes:
         raise ValueError(

@@ -396,9 +396,66 @@ def check_orbax() -> None:
             print(f"OK orbax restore 2x4 -> {shape[0]}x{shape[1]}")
 
 
+def check_frozen_train() -> None:
+    """LoRA-FA on the 2x4 mesh: the split trainable part trains with ``optimizer_shardings(tx, trainable)``.
+
+    A stays exactly as initialized, the trainable part and Adam's state keep the
+    derived shardings after every step (no recompilation), and the losses equal
+    the same loop on one device.
+    """
+    mesh = auto_mesh((2, 4), ("data", "model"))
+    cfg = config(scan=True)
+    params = init_params(cfg)
+    spec = lora_spec(cfg).replace(freeze_a=True)
+    params_sh, lora, derived = sharded_setup(mesh, params, spec)
+    trainable, frozen = lora_jax.split(lora)
+    want = lora_jax.adapter_shardings(params_sh, trainable)  # of the trainable part: A's holes stay None
+    assert want == lora_jax.split(derived)[0], "the trainable part's shardings differ from the whole tree's"
+    tx = optimizer()
+    opt_state = jax.jit(tx.init, out_shardings=lora_jax.optimizer_shardings(tx, trainable))(trainable)
+    loss_fn = make_loss(cfg)
+
+    def step(trainable, opt_state, frozen, params, x, y):
+        loss, grads = jax.value_and_grad(lambda t: loss_fn(lora_jax.combine(t, frozen), params, x, y))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    x, y = batch(cfg)
+    a_before = {
+        p: np.asarray(n.a)
+        for p, n in lora_jax.adapter_items(jax.device_get(frozen)).items()
+        if getattr(n, "a", None) is not None
+    }
+    assert a_before, "LoRA-FA has frozen A arrays"
+    ref_t, ref_state = jax.device_put((jax.device_get(trainable), jax.device_get(opt_state)), jax.local_devices()[0])
+    ref_args = jax.device_put((jax.device_get(frozen), params), jax.local_devices()[0])
+    sharded_step = jax.jit(step)
+    single_step = jax.jit(lambda *args: step(*args))  # a cache of its own: _cache_size counts sharded_step only
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data", None))) for a in (x, y))
+    losses, ref_losses = [], []
+    for _ in range(STEPS):
+        trainable, opt_state, loss = sharded_step(trainable, opt_state, frozen, params_sh, xs, ys)
+        ref_t, ref_state, ref_loss = single_step(ref_t, ref_state, *ref_args, x, y)
+        losses.append(float(loss))
+        ref_losses.append(float(ref_loss))
+        assert_shardings(trainable, want, "frozen_train: the trainable part after a step")
+        assert_shardings(opt_state[0].mu, want, "frozen_train: adam mu")
+        assert_shardings(opt_state[0].nu, want, "frozen_train: adam nu")
+        assert opt_state[0].count.sharding.is_fully_replicated
+    assert sharded_step._cache_size() == 1, "the step recompiled: an output sharding differs from its input's"
+    np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, err_msg="frozen_train: losses")
+    assert losses[-1] < losses[0], losses
+    assert_trees_close(trainable, ref_t, f"frozen_train: the trainable part after {STEPS} steps")
+    joined = lora_jax.adapter_items(jax.device_get(lora_jax.combine(trainable, frozen)))
+    for path, a in a_before.items():
+        np.testing.assert_array_equal(np.asarray(joined[path].a), a, err_msg=f"{path}: the frozen A moved")
+    print(f"OK frozen_train losses={[round(v, 5) for v in losses]} ({len(a_before)} frozen A arrays unchanged)")
+
+
 CHECKS = {
     "init": check_init,
     "train": check_train,
+    "frozen_train": check_frozen_train,
     "pmap": check_pmap,
     "shard_map": check_shard_map,
     "orbax": check_orbax,
