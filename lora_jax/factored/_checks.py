@@ -90,7 +90,7 @@ def check_dropout_rng(dropout_rng: Any) -> None:
         return
     dtype, shape = getattr(dropout_rng, "dtype", None), getattr(dropout_rng, "shape", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and tuple(shape) == ()
-    raw = dtype is not None and dtype == jnp.uint32 and tuple(shape) == (2,)
+    raw = dtype is not None and dtype == jnp.uint32 and tuple(shape) in ((2,), (4,))  # legacy raw key data
     if not (typed or raw):
         hint = "pass dropout_rng=jax.random.key(seed) (under vmap, one key per call)"
         raise TypeError(expected(f"{_CALL}: dropout_rng", "a PRNG key of shape ()", dropout_rng, hint))

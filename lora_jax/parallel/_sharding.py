@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from lora_jax.adapters._init import init_unsharded
 from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape
 from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.errors._messages import expected
+from lora_jax.parallel._checks import check_key, check_mesh, check_on_mesh, checks_optimizer_inputs, wrapped
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 from lora_jax.targets._select import resolve
@@ -52,9 +54,12 @@ def _base_sharding(path: str, leaf: Any) -> Any:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return None  # a host (NumPy) array: no placement to follow
     raise TypeError(
-        f"{path}: expected a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct "
-        f"carrying .sharding for this base leaf; found {type(leaf).__name__}. Pass the params' shardings, "
-        f"e.g. jax.tree_util.tree_map(lambda x: x.sharding, params)."
+        expected(
+            f"{path}: the base sharding",
+            "a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct carrying .sharding",
+            leaf,
+            "pass the params' shardings, e.g. jax.tree_util.tree_map(lambda x: x.sharding, params)",
+        )
     )
 
 
@@ -62,8 +67,13 @@ def _entries(path: str, spec: PartitionSpec, layout: str) -> list[Any]:
     entries = list(spec)
     if len(entries) > len(layout):
         raise ValueError(
-            f"{path}: the base partition {spec} has {len(entries)} entries but the kernel has "
-            f"{len(layout)} axes (layout {layout!r}); give at most one entry per kernel axis."
+            expected(
+                f"{path or 'adapter_partition_specs(spec=...)'}: the base partition {spec}",
+                f"at most {len(layout)} entries, one per kernel axis (layout {layout!r})",
+                f"{len(entries)} entries",
+                "give at most one entry per kernel axis, e.g. PartitionSpec(None, 'model') for a 2-axis kernel",
+                found_is_text=True,
+            )
         )
     return entries + [None] * (len(layout) - len(entries))
 
@@ -87,7 +97,17 @@ def adapter_partition_specs(spec: PartitionSpec, layout: str, *, path: str = "")
       >>> adapter_partition_specs(P("layers", "model", None), "bio")  # stacked, row-parallel
       (P('layers', 'model'), P('layers',))
     """
-    entries = _entries(path, spec, layout)
+    if not isinstance(spec, (PartitionSpec, tuple, list)):
+        hint = "pass a jax.sharding.PartitionSpec, e.g. PartitionSpec(None, 'model')"
+        raise TypeError(
+            expected(f"adapter_partition_specs(spec=...){' at ' + path if path else ''}", "a PartitionSpec", spec, hint)
+        )
+    if not isinstance(layout, str) or not layout or set(layout) - set("bio"):
+        hint = "one letter per kernel axis: b (batch), i (input), o (output), e.g. 'io', 'ioo', 'bio'"
+        raise ValueError(
+            expected("adapter_partition_specs(layout=...)", "a string of the letters b, i, o", layout, hint)
+        )
+    entries = _entries(path, PartitionSpec(*spec), layout)
     pick = lambda letter: [e for e, c in zip(entries, layout, strict=True) if c == letter]  # noqa: E731
     return _trimmed([*pick("b"), *pick("i"), None]), _trimmed([*pick("b"), None, *pick("o")])
 
@@ -118,19 +138,28 @@ def _derive_one(path: str, base: Any, node: Any, shared: Any, mesh: Any) -> Any:
             _entries(path, base, layout),
             ((lambda p: NamedSharding(mesh, p)) if mesh is not None else (lambda p: p)),
         )
+        spec_mesh = mesh
     elif isinstance(base, NamedSharding):
-        entries = _entries(path, base.spec, layout)
+        entries, spec_mesh = _entries(path, base.spec, layout), base.mesh
         wrap = lambda p: NamedSharding(base.mesh, p, memory_kind=base.memory_kind)  # noqa: E731
     elif base.is_fully_replicated:
         return dataclasses.replace(node, **{f: base for f in templates})  # the adapter lives where the kernel lives
     else:
         raise TypeError(
-            f"{path}: the base kernel has a {type(base).__name__}, which does not name its partitioned "
-            f"axes; adapter shardings are derived from a NamedSharding or a PartitionSpec. Shard the "
-            f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
+            expected(
+                f"{path}: the base sharding",
+                "a NamedSharding or a PartitionSpec, which name the partitioned axes (or a fully replicated sharding)",
+                f"a {type(base).__name__} that partitions the kernel",
+                "shard the params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))",
+                found_is_text=True,
+            )
         )
+    base_spec = base if isinstance(base, PartitionSpec) else base.spec
+    if spec_mesh is not None:
+        per_field = {f: field_entries(t, entries, layout) for f, t in templates.items()}
+        check_on_mesh(path, base_spec, entries, node, per_field, spec_mesh)
     return dataclasses.replace(
-        node, **{f: wrap(_trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}
+        node, **{f: wrapped(path, f, wrap, _trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}
     )
 
 
@@ -178,6 +207,7 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       >>> sh["mlp_out"]["kernel"].a, sh["mlp_out"]["kernel"].b
       (P('model',), P())
     """
+    check_mesh("adapter_shardings", mesh)
     flat = flatten_with_paths(shardings, is_leaf=_is_sharding_leaf)
     shared = shared_section(lora)
     out: dict[str, Any] = {}
@@ -213,7 +243,10 @@ def _body(lora: Any) -> Any:
 
 def _abstract(path: str, leaf: Any) -> jax.ShapeDtypeStruct:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        raise TypeError(f"{path}: params leaves must be arrays or ShapeDtypeStructs; found {type(leaf).__name__}.")
+        hint = "pass the params (arrays or jax.ShapeDtypeStructs) second: init_lora_sharded(key, params, spec)"
+        raise TypeError(
+            expected(f"init_lora_sharded(params=...) at {path}", "an array or a ShapeDtypeStruct", leaf, hint)
+        )
     return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
 
@@ -268,8 +301,24 @@ def init_lora_sharded(
       >>> lora["mlp_in"]["kernel"].b.sharding.spec
       P(None, 'model')
     """
+    check_key("init_lora_sharded", key)
+    check_mesh("init_lora_sharded", mesh)
     fn, values = _sharded_init(params, spec, shardings=shardings, mesh=mesh)
-    return fn(key, values)
+    try:
+        return fn(key, values)
+    except ValueError as e:  # a sharding JAX refuses at the jit (e.g. a dimension the mesh does not divide)
+        if "shard" not in str(e).lower():
+            raise
+        hint = "check each base partition against the mesh (its axis names and sizes) and the kernel's shape"
+        raise ValueError(
+            expected(
+                "init_lora_sharded: the adapters' out_shardings",
+                "shardings JAX accepts",
+                str(e),
+                hint,
+                found_is_text=True,
+            )
+        ) from e
 
 
 def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> tuple[Any, dict[str, Any]]:
@@ -295,8 +344,13 @@ def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> 
     for path, s in flatten_with_paths(out, is_leaf=_is_sharding_leaf).items():
         if isinstance(s, PartitionSpec):
             raise ValueError(
-                f"{path}: the base shardings are PartitionSpecs but no mesh was given; call "
-                f"init_lora_sharded(..., mesh=mesh) or pass NamedShardings."
+                expected(
+                    f"{path}: init_lora_sharded(mesh=...)",
+                    "a mesh, since the base shardings are PartitionSpecs",
+                    "mesh=None (no mesh was given)",
+                    "call init_lora_sharded(..., mesh=mesh) or pass NamedShardings",
+                    found_is_text=True,
+                )
             )
     return jax.jit(make, out_shardings=out), values
 
@@ -305,6 +359,7 @@ def _key_strs(key_path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr((k,)) for k in key_path)
 
 
+@checks_optimizer_inputs
 def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
     """Shardings for ``tx``'s state over ``lora``: each per-adapter buffer follows its adapter.
 
