@@ -8,7 +8,6 @@ error names the parameter path, what was expected and the fix.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -83,32 +82,26 @@ def wrapped(path: str, field: str, wrap: Callable[[PartitionSpec], Any], spec: P
         ) from e
 
 
-def checks_optimizer_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(tx, lora, ...)`` after checking that ``tx`` is an optimizer whose ``init`` accepts ``lora``."""
-
-    @functools.wraps(fn)
-    def checked(tx: Any, lora: Any, **kwargs: Any) -> Any:
-        if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-            hint = "pass the optimizer first and the adapter tree second: optimizer_shardings(tx, lora)"
-            raise TypeError(expected("optimizer_shardings(tx=...)", "an optax GradientTransformation", tx, hint))
-        try:
-            jax.eval_shape(tx.init, lora)
-        except Exception as e:  # any failure of the optimizer's own init: shown, with the call
-            hint = "pass the optimizer the adapters are trained with (its masks / labels made for the adapter tree)"
-            found = f"tx.init(lora) raised {type(e).__name__}: {str(e)[:300]}"
-            raise ValueError(
-                expected(
-                    "optimizer_shardings(tx=...)",
-                    "an optimizer whose init accepts the adapter tree",
-                    found,
-                    hint,
-                    found_is_text=True,
-                )
-            ) from e
-        check_shardings_match(lora, kwargs.get("shardings"))
-        return fn(tx, lora, **kwargs)
-
-    return checked
+def check_optimizer_inputs(tx: Any, lora: Any, shardings: Any) -> None:
+    """Refuse a ``tx`` that is not an optimizer, one whose ``init`` refuses ``lora``, and unmatched ``shardings``."""
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        hint = "pass the optimizer first and the adapter tree second: optimizer_shardings(tx, lora)"
+        raise TypeError(expected("optimizer_shardings(tx=...)", "an optax GradientTransformation", tx, hint))
+    try:
+        jax.eval_shape(tx.init, lora)
+    except Exception as e:  # any failure of the optimizer's own init: shown, with the call
+        hint = "pass the optimizer the adapters are trained with (its masks / labels made for the adapter tree)"
+        found = f"tx.init(lora) raised {type(e).__name__}: {str(e)[:300]}"
+        raise ValueError(
+            expected(
+                "optimizer_shardings(tx=...)",
+                "an optimizer whose init accepts the adapter tree",
+                found,
+                hint,
+                found_is_text=True,
+            )
+        ) from e
+    check_shardings_match(lora, shardings)
 
 
 def _is_sharding(x: Any) -> bool:

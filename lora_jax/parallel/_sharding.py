@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +37,7 @@ from lora_jax.adapters._init import init_unsharded
 from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape
 from lora_jax.adapters._tree import adapter_items, shared_section
 from lora_jax.errors._messages import expected
-from lora_jax.parallel._checks import check_key, check_mesh, check_on_mesh, checks_optimizer_inputs, wrapped
+from lora_jax.parallel._checks import check_key, check_mesh, check_on_mesh, check_optimizer_inputs, wrapped
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 from lora_jax.targets._select import resolve
@@ -189,10 +191,13 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       A tree shaped like ``lora`` with a sharding (or spec) per array.
 
     Raises:
-      ValueError: if an adapter path is missing from ``shardings`` or a
-        partition has more entries than the kernel has axes.
+      ValueError: if an adapter path is missing from ``shardings``, a
+        partition has more entries than the kernel has axes, names an axis
+        the mesh lacks, or partitions an adapter axis over mesh axes whose size
+        does not divide it (each message names the parameter path).
       TypeError: on a sharding that does not name its axes (not a
-        ``NamedSharding``) and is not fully replicated.
+        ``NamedSharding``) and is not fully replicated, or a ``mesh`` that is
+        not a mesh.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -289,6 +294,8 @@ def init_lora_sharded(
       ValueError: if a sharding cannot be derived (see
         :func:`adapter_shardings`), if ``PartitionSpec``\\ s come without a
         ``mesh``, or if a leaf trained in full has no value.
+      TypeError: if ``key`` is not a PRNG key (e.g. the params given first),
+        ``mesh`` is not a mesh, or a params leaf is not an array.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -359,7 +366,18 @@ def _key_strs(key_path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr((k,)) for k in key_path)
 
 
-@checks_optimizer_inputs
+def _checked_optimizer_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` after :func:`~lora_jax.parallel._checks.check_optimizer_inputs`."""
+
+    @functools.wraps(fn)
+    def checked(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
+        check_optimizer_inputs(tx, lora, shardings)
+        return fn(tx, lora, shardings=shardings)
+
+    return checked
+
+
+@_checked_optimizer_inputs
 def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
     """Shardings for ``tx``'s state over ``lora``: each per-adapter buffer follows its adapter.
 
@@ -381,7 +399,10 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
 
     Raises:
       ValueError: if no adapter array carries a ``NamedSharding`` to take the
-        mesh from.
+        mesh from, ``tx.init`` refuses ``lora``, or ``shardings`` does not hold
+        one sharding per adapter array.
+      TypeError: if ``tx`` is not a ``GradientTransformation`` (e.g. the
+        arguments swapped).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
