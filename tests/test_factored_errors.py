@@ -258,3 +258,50 @@ def test_kernel_reaching_a_custom_jvp_function_raises_naming_it():
 def test_explain_traces_an_adapter_with_dropout_without_a_key():
     fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731
     assert factored(fn).explain(PARAMS, _with_dropout(LORA, 0.2), X) == {"dense/kernel": ("dot_general",)}
+
+
+TWO = {"dense": {"kernel": _rand(6, (6, 4))}, "out": {"kernel": _rand(7, (4, 3))}}
+TWO_LORA = {
+    "dense": {"kernel": LoraWeights(a=_rand(8, (6, 2)), b=_rand(9, (2, 4)), scale=0.5)},
+    "out": {"kernel": LoraWeights(a=_rand(10, (4, 2)), b=_rand(11, (2, 3)), scale=0.5)},
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_function_using_only_some_adapted_kernels_still_runs(jit):
+    fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731  out/kernel is adapted but unused
+    wrapped = jax.jit(factored(fn)) if jit else factored(fn)
+    y = wrapped(TWO, TWO_LORA, X)
+    np.testing.assert_allclose(y, fn(lora_jax.apply_lora(TWO, TWO_LORA), X), rtol=1e-5, atol=1e-5)
+    assert factored(fn).explain(TWO, TWO_LORA, X) == {"dense/kernel": ("dot_general",), "out/kernel": ()}
+
+
+def test_a_function_closing_over_an_unadapted_leaf_still_runs():
+    bias = PARAMS["dense"]["bias"]
+    fn = lambda prm, x: x @ prm["dense"]["kernel"] + bias  # noqa: E731  a closed-over leaf with no adapter
+    y = factored(fn)(PARAMS, LORA, X)
+    np.testing.assert_allclose(y, fn(lora_jax.apply_lora(PARAMS, LORA), X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_function_closing_over_the_params_raises_at_every_entry_point():
+    closes = lambda prm, x: x @ PARAMS["dense"]["kernel"]  # noqa: E731
+    for call in (
+        lambda: factored(closes)(PARAMS, LORA, X),
+        lambda: factored(closes).explain(PARAMS, LORA, X),
+        lambda: jax.grad(lambda lo: factored(closes)(PARAMS, lo, X).sum())(LORA),
+    ):
+        with pytest.raises(ValueError, match=r"closes over the params: the adapted kernel\(s\) dense/kernel"):
+            call()
+    with pytest.raises(ValueError, match=r"uses none of the adapted kernels \(dense/kernel\)"):
+        jax.jit(factored(closes))(PARAMS, LORA, X)  # params traced by the outer jit: the closure shows as no read
+
+
+def test_a_materialize_entry_matching_no_adapted_path_raises_at_the_first_call():
+    wrapped = factored(lambda prm, x: x @ prm["dense"]["kernel"], materialize=["dense/kernal"])
+    with pytest.raises(ValueError, match=r"\[0\]: expected an adapted kernel's path.*'dense/kernal'.*dense/kernel"):
+        wrapped(PARAMS, LORA, X)
+
+
+def test_an_invalid_materialize_regex_raises_at_the_wrapper():
+    with pytest.raises(ValueError, match=r"materialize=\.\.\.\)\[0\]: expected a valid regex, found 'dense/\['"):
+        factored(lambda prm, x: x, materialize="dense/[")

@@ -124,7 +124,9 @@ def test_missing_path_names_it_and_the_nearest():
 def test_too_many_spec_entries_is_an_error():
     _, specs, lora = _tree()
     specs["mlp_out"]["kernel"] = P("model", None, None)
-    with pytest.raises(ValueError, match=r"mlp_out/kernel: the base partition .* has 3 entries but the kernel has 2"):
+    with pytest.raises(
+        ValueError, match=r"mlp_out/kernel: the base partition .*: expected at most 2 entries.*found 3 entries"
+    ):
         lora_jax.adapter_shardings(specs, lora)
 
 

@@ -54,6 +54,7 @@ from jax.extend import core as jcore
 
 from lora_jax.adapters._lowered import LowRank, Replace, apply_to
 from lora_jax.adapters._tree import lowered_items
+from lora_jax.factored import _checks as checks
 from lora_jax.factored import _control as control
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _rules as rules
@@ -219,6 +220,8 @@ class Factored:
 
     def __call__(self, params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """``fn(apply_lora(params, lora), *args, **kwargs)``, computed factored (see :func:`factored`)."""
+        checks.check_call(params, lora)
+        checks.check_dropout_rng(dropout_rng)
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, lora, args, kwargs, dropout_rng))):
             static, dynamic = _split_args(args, kwargs)
             try:
@@ -229,6 +232,7 @@ class Factored:
             trace = lambda p, lo, d: self._run(p, lo, *_join_args(static, d), None, {}, capture=traced)  # noqa: E731
             jax.eval_shape(trace, params, lora, dynamic)  # fn traced now, with what it closes over now
             jaxpr, consts, out_tree = traced[0]
+            checks.check_fn_reads(jaxpr, consts, params, lora)  # the concrete params: a closure over them shows
             return self._compiled(params, lora, dynamic, dropout_rng, consts, static, Program(jaxpr, out_tree))
         return self._run(params, lora, args, kwargs, dropout_rng, {})
 
@@ -242,6 +246,7 @@ class Factored:
         Traces only (``jax.eval_shape``); an unused kernel maps to ``()``; an opted-in
         leaf shows ``"materialized (<primitive>)"``.
         """
+        checks.check_call(params, lora)
         report: dict[str, list[str]] = {}
         key = None if self.deterministic else jax.random.key(0)  # traced only: no dropout is drawn, none is checked
         jax.eval_shape(lambda: self._run(params, lora, args, kwargs, key, report))
@@ -259,11 +264,13 @@ class Factored:
                 leaf = apply_to(low, leaf)
             leaves.append(leaf)
             inputs.append(lz.from_weights(leaf, low, path_str(key_path)) if isinstance(low, LowRank) else leaf)
+        checks.check_materialize_matches(self.materialize, [p for p, low in items.items() if isinstance(low, LowRank)])
         static, dyn = _split_args(args, kwargs)
         if program is None:  # else the (jaxpr, consts, out_tree) of an eager call, traced before the compile
             program = self._trace(pdef, leaves, static, dyn)
-            if capture is not None:
+            if capture is not None:  # an eager call checks the program against its concrete params
                 return capture.append(program)
+            checks.check_fn_reads(program[0], program[1], params, lora)
         jaxpr, consts, out_tree = program
         ctx = _Context(self.materialize, self.on_materialize, self._dropout_key(items, dropout_rng), report)
         outs = [ctx.settle(x, "output of the function") for x in _eval(jaxpr, consts, [*inputs, *dyn], ctx)]
@@ -358,7 +365,14 @@ def factored(
       consumed each adapted kernel.
 
     Raises:
-      ValueError: when an adapter has dropout and the call has no
+      TypeError: when ``fn`` is not callable, a ``materialize`` entry is not a
+        str, ``deterministic`` is not a bool; at a call, when ``params`` and
+        ``lora`` are swapped or ``dropout_rng`` is not a PRNG key.
+      ValueError: when a ``materialize`` entry is an invalid regex (at
+        ``factored(...)``) or matches no adapted path (at the first call); when
+        ``fn`` closes over an adapted params leaf or reads none of the adapted
+        kernels from its first argument (the adapters would get zero
+        gradients); when an adapter has dropout and the call has no
         ``dropout_rng`` and the wrapper is not ``deterministic``.
       FactoredError: (a ``ValueError``) when an adapted kernel reaches an
         operation that cannot be factored and its path is not in ``materialize``;
@@ -377,11 +391,8 @@ def factored(
       >>> factored(fn).explain(params, lora, x)
       {'dense/kernel': ('dot_general',)}
     """
-    if isinstance(materialize, str):
-        materialize = (materialize,)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"factored(deterministic=...) must be True or False; found {deterministic!r}.")
-    return Factored(fn, tuple(materialize), on_materialize, deterministic)
+    materialize = checks.check_wrapper_args(fn, materialize, on_materialize, deterministic)
+    return Factored(fn, materialize, on_materialize, deterministic)
 
 
 __all__ = ["FactoredError", "factored"]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from lora_jax.adapters._init import init_unsharded
 from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape, node_type
 from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.errors._messages import expected
+from lora_jax.parallel._checks import check_key, check_mesh, check_on_mesh, check_optimizer_inputs, wrapped
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 from lora_jax.targets._select import resolve
@@ -52,9 +56,12 @@ def _base_sharding(path: str, leaf: Any) -> Any:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return None  # a host (NumPy) array: no placement to follow
     raise TypeError(
-        f"{path}: expected a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct "
-        f"carrying .sharding for this base leaf; found {type(leaf).__name__}. Pass the params' shardings, "
-        f"e.g. jax.tree_util.tree_map(lambda x: x.sharding, params)."
+        expected(
+            f"{path}: the base sharding",
+            "a PartitionSpec, a jax.sharding.Sharding, None, or an array / ShapeDtypeStruct carrying .sharding",
+            leaf,
+            "pass the params' shardings, e.g. jax.tree_util.tree_map(lambda x: x.sharding, params)",
+        )
     )
 
 
@@ -62,8 +69,13 @@ def _entries(path: str, spec: PartitionSpec, layout: str) -> list[Any]:
     entries = list(spec)
     if len(entries) > len(layout):
         raise ValueError(
-            f"{path}: the base partition {spec} has {len(entries)} entries but the kernel has "
-            f"{len(layout)} axes (layout {layout!r}); give at most one entry per kernel axis."
+            expected(
+                f"{path or 'adapter_partition_specs(spec=...)'}: the base partition {spec}",
+                f"at most {len(layout)} entries, one per kernel axis (layout {layout!r})",
+                f"{len(entries)} entries",
+                "give at most one entry per kernel axis, e.g. PartitionSpec(None, 'model') for a 2-axis kernel",
+                found_is_text=True,
+            )
         )
     return entries + [None] * (len(layout) - len(entries))
 
@@ -87,7 +99,17 @@ def adapter_partition_specs(spec: PartitionSpec, layout: str, *, path: str = "")
       >>> adapter_partition_specs(P("layers", "model", None), "bio")  # stacked, row-parallel
       (P('layers', 'model'), P('layers',))
     """
-    entries = _entries(path, spec, layout)
+    if not isinstance(spec, (PartitionSpec, tuple, list)):
+        hint = "pass a jax.sharding.PartitionSpec, e.g. PartitionSpec(None, 'model')"
+        raise TypeError(
+            expected(f"adapter_partition_specs(spec=...){' at ' + path if path else ''}", "a PartitionSpec", spec, hint)
+        )
+    if not isinstance(layout, str) or not layout or set(layout) - set("bio"):
+        hint = "one letter per kernel axis: b (batch), i (input), o (output), e.g. 'io', 'ioo', 'bio'"
+        raise ValueError(
+            expected("adapter_partition_specs(layout=...)", "a string of the letters b, i, o", layout, hint)
+        )
+    entries = _entries(path, PartitionSpec(*spec), layout)
     pick = lambda letter: [e for e, c in zip(entries, layout, strict=True) if c == letter]  # noqa: E731
     return _trimmed([*pick("b"), *pick("i"), None]), _trimmed([*pick("b"), None, *pick("o")])
 
@@ -185,19 +207,30 @@ def _derive_one(path: str, base: Any, node: Any, layout: str, mesh: Any) -> Any:
             _entries(path, base, layout),
             ((lambda p: NamedSharding(mesh, p)) if mesh is not None else (lambda p: p)),
         )
+        spec_mesh = mesh
     elif isinstance(base, NamedSharding):
-        entries = _entries(path, base.spec, layout)
+        entries, spec_mesh = _entries(path, base.spec, layout), base.mesh
         wrap = lambda p: NamedSharding(base.mesh, p, memory_kind=base.memory_kind)  # noqa: E731
     elif base.is_fully_replicated:  # the adapter lives where the kernel lives
         return dataclasses.replace(node, **{f: base for f in templates}, **holes)
     else:
         raise TypeError(
-            f"{path}: the base kernel has a {type(base).__name__}, which does not name its partitioned "
-            f"axes; adapter shardings are derived from a NamedSharding or a PartitionSpec. Shard the "
-            f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))."
+            expected(
+                f"{path}: the base sharding",
+                "a NamedSharding or a PartitionSpec, which name the partitioned axes (or a fully replicated sharding)",
+                f"a {type(base).__name__} that partitions the kernel",
+                "shard the params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))",
+                found_is_text=True,
+            )
         )
+    base_spec = base if isinstance(base, PartitionSpec) else base.spec
+    if spec_mesh is not None:
+        per_field = {f: field_entries(t, entries, layout) for f, t in templates.items()}
+        check_on_mesh(path, base_spec, entries, node, per_field, spec_mesh)
     return dataclasses.replace(
-        node, **{f: wrap(_trimmed(field_entries(t, entries, layout))) for f, t in templates.items()}, **holes
+        node,
+        **{f: wrapped(path, f, wrap, _trimmed(field_entries(t, entries, layout))) for f, t in templates.items()},
+        **holes,
     )
 
 
@@ -259,11 +292,14 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
 
     Raises:
       ValueError: if an adapter path is missing from ``shardings``, a
-        partition has more entries than the kernel has axes, or the adapter
-        does not fit the base leaf's shape.
+        partition has more entries than the kernel has axes, names an axis
+        the mesh lacks, or partitions an adapter axis over mesh axes whose size
+        does not divide it (each message names the parameter path), or the
+        adapter does not fit the base leaf's shape.
       TypeError: on a sharding that does not name its axes (not a
-        ``NamedSharding``) and is not fully replicated, or on a node of a split
-        part that cannot be lowered and has no static ``layout`` field.
+        ``NamedSharding``) and is not fully replicated, a ``mesh`` that is
+        not a mesh, or a node of a split part that cannot be lowered and has
+        no static ``layout`` field.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -284,6 +320,7 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
       >>> node.a, node.b
       (None, P(None, 'model'))
     """
+    check_mesh("adapter_shardings", mesh)
     flat = flatten_with_paths(shardings, is_leaf=_is_sharding_leaf)
     shared = shared_section(lora)
     out: dict[str, Any] = {}
@@ -315,7 +352,10 @@ def _body(lora: Any) -> Any:
 
 def _abstract(path: str, leaf: Any) -> jax.ShapeDtypeStruct:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        raise TypeError(f"{path}: params leaves must be arrays or ShapeDtypeStructs; found {type(leaf).__name__}.")
+        hint = "pass the params (arrays or jax.ShapeDtypeStructs) second: init_lora_sharded(key, params, spec)"
+        raise TypeError(
+            expected(f"init_lora_sharded(params=...) at {path}", "an array or a ShapeDtypeStruct", leaf, hint)
+        )
     return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
 
 
@@ -358,6 +398,8 @@ def init_lora_sharded(
       ValueError: if a sharding cannot be derived (see
         :func:`adapter_shardings`), if ``PartitionSpec``\\ s come without a
         ``mesh``, or if a leaf trained in full has no value.
+      TypeError: if ``key`` is not a PRNG key (e.g. the params given first),
+        ``mesh`` is not a mesh, or a params leaf is not an array.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -370,8 +412,24 @@ def init_lora_sharded(
       >>> lora["mlp_in"]["kernel"].b.sharding.spec
       P(None, 'model')
     """
+    check_key("init_lora_sharded", key)
+    check_mesh("init_lora_sharded", mesh)
     fn, values = _sharded_init(params, spec, shardings=shardings, mesh=mesh)
-    return fn(key, values)
+    try:
+        return fn(key, values)
+    except ValueError as e:  # a sharding JAX refuses at the jit (e.g. a dimension the mesh does not divide)
+        if "shard" not in str(e).lower():
+            raise
+        hint = "check each base partition against the mesh (its axis names and sizes) and the kernel's shape"
+        raise ValueError(
+            expected(
+                "init_lora_sharded: the adapters' out_shardings",
+                "shardings JAX accepts",
+                str(e),
+                hint,
+                found_is_text=True,
+            )
+        ) from e
 
 
 def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> tuple[Any, dict[str, Any]]:
@@ -397,8 +455,13 @@ def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> 
     for path, s in flatten_with_paths(out, is_leaf=_is_sharding_leaf).items():
         if isinstance(s, PartitionSpec):
             raise ValueError(
-                f"{path}: the base shardings are PartitionSpecs but no mesh was given; call "
-                f"init_lora_sharded(..., mesh=mesh) or pass NamedShardings."
+                expected(
+                    f"{path}: init_lora_sharded(mesh=...)",
+                    "a mesh, since the base shardings are PartitionSpecs",
+                    "mesh=None (no mesh was given)",
+                    "call init_lora_sharded(..., mesh=mesh) or pass NamedShardings",
+                    found_is_text=True,
+                )
             )
     return jax.jit(make, out_shardings=out), values
 
@@ -407,6 +470,18 @@ def _key_strs(key_path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr((k,)) for k in key_path)
 
 
+def _checked_optimizer_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` after :func:`~lora_jax.parallel._checks.check_optimizer_inputs`."""
+
+    @functools.wraps(fn)
+    def checked(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
+        check_optimizer_inputs(tx, lora, shardings)
+        return fn(tx, lora, shardings=shardings)
+
+    return checked
+
+
+@_checked_optimizer_inputs
 def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
     """Shardings for ``tx``'s state over ``lora``: each per-adapter buffer follows its adapter.
 
@@ -433,7 +508,10 @@ def optimizer_shardings(tx: Any, lora: Any, *, shardings: Any = None) -> Any:
 
     Raises:
       ValueError: if no adapter array carries a ``NamedSharding`` to take the
-        mesh from, or ``shardings`` has another structure than ``lora``.
+        mesh from, ``tx.init`` refuses ``lora``, or ``shardings`` has another
+        structure than ``lora`` (one sharding per adapter array).
+      TypeError: if ``tx`` is not a ``GradientTransformation`` (e.g. the
+        arguments swapped).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax

@@ -1,0 +1,1 @@
+"""Misuse cases for tests/test_misuse.py, one module per area, each exporting ``CASES``."""
