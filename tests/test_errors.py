@@ -166,7 +166,8 @@ def test_swapped_arguments_are_reported():
     lora = init_lora(jax.random.key(0), dense_params(), LoraSpec(rank=2, targets=["query"]))
     with pytest.raises(
         TypeError,
-        match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found \w+\. Pass the adapter tree as the second argument",
+        match=r"apply_lora\(lora=\.\.\.\): expected an adapter tree .* found \w+ of shape \(4,\) .* at encoder/query/bias\. "
+        r"Check the argument order: apply_lora\(params, lora\)",
     ):
         apply_lora(lora, dense_params())
 
