@@ -22,13 +22,14 @@ def _none_paths(tree: Any) -> list[str]:
             for kp, x in flat if x is None]  # fmt: skip
 
 
-def check_params(where: str, params: Any, *, order: str = "") -> None:
+def check_params(where: str, params: Any, *, order: str = "", empty_ok: bool = False) -> None:
     """Raise ``TypeError`` unless ``params`` is a pytree (a dict, list, ...) holding at least one array.
 
     Args:
       where: the function, e.g. ``"init_lora"``.
       params: the value given as params.
       order: the function's argument order, for the hint, e.g. ``"init_lora(key, params, spec)"``.
+      empty_ok: accept a tree with no arrays (``summary({}, lora)`` reports the adapter alone).
     """
     hint = f"The order is {order}" if order else ""
     leaves = jax.tree_util.tree_leaves(params)
@@ -37,7 +38,7 @@ def check_params(where: str, params: Any, *, order: str = "") -> None:
         if hasattr(params, "shape") and hasattr(params, "dtype"):
             hint = "Wrap a single kernel in a dict, e.g. {'dense': {'kernel': w}}" + (f"; {hint}" if hint else "")
         raise TypeError(expected(f"{where}(params=...)", PARAMS, found, hint))
-    if not any(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
+    if not empty_ok and not any(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
         nones = _none_paths(params)
         found = (
             f"no array leaves ({', '.join(p + ' is None' for p in nones[:4])})"

@@ -123,7 +123,7 @@ def summary(params: Any, lora: Any) -> Summary:
       trainable params: 48 || all params: 184 || trainable%: 26.0870 || adapter bytes: 192 || base bytes: 544
     """
     items = items_of(lora, "summary", "summary(params, lora)")
-    check_params("summary", params, order="summary(params, lora)")
+    check_params("summary", params, order="summary(params, lora)", empty_ok=True)  # {}: the adapter alone
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
     shared = shared_section(lora)
     rows = [_row(path, node, shared) for path, node in items.items()]

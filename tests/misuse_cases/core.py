@@ -200,6 +200,8 @@ CASES = [
     # --- summary ------------------------------------------------------------------------------------------------
     ("summary_lora_none", lambda: lj.summary(_params(), None), TypeError,
      r"summary\(lora=\.\.\.\): expected an adapter tree.*found NoneType"),
+    ("summary_params_array", lambda: lj.summary(jnp.ones((4, 3)), _lora()), TypeError,
+     r"summary\(params=\.\.\.\): expected a pytree of arrays .*found ArrayImpl of shape \(4, 3\)"),
     ("summary_swapped", lambda: lj.summary(_lora(), _params()), TypeError,
      r"summary\(lora=\.\.\.\): expected an adapter tree.*found ArrayImpl"),
     # --- only_adapters ----------------------------------------------------------------------------------------
