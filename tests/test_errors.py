@@ -45,16 +45,16 @@ def test_axes_value_that_is_not_a_string_is_rejected():
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("rank", 0, r"LoraSpec\(rank=\.\.\.\) must be a positive integer; found 0"),
-    ("rank", 2.5, r"LoraSpec\(rank=\.\.\.\) must be a positive integer; found 2.5"),
-    ("rank", True, r"LoraSpec\(rank=\.\.\.\) must be a positive integer; found True"),
-    ("alpha", -1.0, r"LoraSpec\(alpha=\.\.\.\) must be a positive finite number; found -1.0"),
-    ("alpha", float("nan"), r"LoraSpec\(alpha=\.\.\.\) must be a positive finite number; found nan"),
-    ("dropout", 1.0, r"LoraSpec\(dropout=\.\.\.\) must be in \[0, 1\); found 1.0"),
-    ("rank_pattern", {"query": 0}, r"LoraSpec\(rank_pattern=\{'query': \.\.\.\}\) must be a positive integer; found 0"),
-    ("alpha_pattern", {"query": 0.0}, r"LoraSpec\(alpha_pattern=\{'query': \.\.\.\}\) must be a positive number; found 0.0"),
+    ("rank", 0, r"LoraSpec\(rank=\.\.\.\): expected a positive integer, found int 0"),
+    ("rank", 2.5, r"LoraSpec\(rank=\.\.\.\): expected a positive integer, found float 2.5"),
+    ("rank", True, r"LoraSpec\(rank=\.\.\.\): expected a positive integer, found bool True"),
+    ("alpha", -1.0, r"LoraSpec\(alpha=\.\.\.\): expected a positive finite number, found float -1.0"),
+    ("alpha", float("nan"), r"LoraSpec\(alpha=\.\.\.\): expected a positive finite number, found float nan"),
+    ("dropout", 1.0, r"LoraSpec\(dropout=\.\.\.\): expected a number in \[0, 1\), found float 1.0"),
+    ("rank_pattern", {"query": 0}, r"LoraSpec\(rank_pattern=\{'query': \.\.\.\}\): expected a positive integer, found int 0"),
+    ("alpha_pattern", {"query": 0.0}, r"LoraSpec\(alpha_pattern=\{'query': \.\.\.\}\): expected a positive finite number, found float 0.0"),
     ("targets", None, r"LoraSpec\(targets=\.\.\.\) is required"),
-    ("dtype", "int8", r"LoraSpec\(dtype=\.\.\.\) must be a floating dtype such as 'float32'; found int8"),
+    ("dtype", "int8", r"LoraSpec\(dtype=\.\.\.\): expected one of float16, bfloat16, float32, float64, found int8"),
 ])  # fmt: skip
 def test_bad_spec_values_raise_value_error_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -62,7 +62,10 @@ def test_bad_spec_values_raise_value_error_naming_the_field(field, value, match)
 
 
 def test_non_dtype_and_bad_selector_raise_type_error():
-    with pytest.raises(TypeError, match=r"LoraSpec\(dtype='nope'\) is not a dtype"):
+    with pytest.raises(
+        TypeError,
+        match=r"LoraSpec\(dtype=\.\.\.\): expected a dtype \(one of float16, bfloat16, float32, float64\), found str 'nope'",
+    ):
         LoraSpec(dtype="nope")
     with pytest.raises(
         TypeError,
@@ -81,7 +84,7 @@ def test_targets_that_match_nothing_list_the_nearest_paths():
         ValueError, match=r"matched no kernel among 5 parameters\. Nearest paths: .*encoder/query"
     ) as info:
         init_lora(jax.random.key(0), dense_params(), LoraSpec(targets=["querry"]))
-    assert "LoraSpec(targets=('querry',))" in str(info.value)
+    assert "LoraSpec(targets=['querry'])" in str(info.value)  # as the user wrote it
 
 
 def test_regex_that_matches_nothing_lists_paths():
@@ -163,7 +166,8 @@ def test_swapped_arguments_are_reported():
     lora = init_lora(jax.random.key(0), dense_params(), LoraSpec(rank=2, targets=["query"]))
     with pytest.raises(
         TypeError,
-        match=r"encoder/query/bias: an adapter tree holds LoraWeights or Trainable nodes .* found \w+\. Pass the adapter tree as the second argument",
+        match=r"apply_lora\(lora=\.\.\.\): expected an adapter tree .* found \w+ of shape \(4,\) .* at encoder/query/bias\. "
+        r"Check the argument order: apply_lora\(params, lora\)",
     ):
         apply_lora(lora, dense_params())
 

@@ -45,5 +45,5 @@ def test_init_aliases_and_dtype_are_normalized():
 
 def test_replace_validates_again():
     assert LoraSpec(rank=4).replace(rank=16).rank == 16
-    with pytest.raises(ValueError, match=r"LoraSpec\(rank=\.\.\.\) must be a positive integer; found 0"):
+    with pytest.raises(ValueError, match=r"LoraSpec\(rank=\.\.\.\): expected a positive integer, found int 0"):
         LoraSpec(rank=4).replace(rank=0)

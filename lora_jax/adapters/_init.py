@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.errors._checks import check_key, check_params, check_spec
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -116,6 +117,9 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
       trained in full.
 
     Raises:
+      TypeError: if ``key`` is not a PRNG key, ``params`` not a pytree of
+        arrays or ``spec`` not a :class:`LoraSpec` (arguments in another order,
+        say).
       ValueError / TypeError: on a bad spec for these params (see
         :class:`LoraSpec`); the message names the parameter path.
 
@@ -126,6 +130,10 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
       >>> lora["dense"]["kernel"].a.shape, lora["dense"]["kernel"].b.shape
       ((16, 4), (4, 8))
     """
+    order = "init_lora(key, params, spec)"
+    check_key("init_lora", key, order=order)
+    check_params("init_lora", params, order=order)
+    check_spec("init_lora", spec, order=order)
     if _carries_shardings(params):
         from lora_jax.parallel._sharding import init_lora_sharded  # imports this module: a deferred import
 

@@ -28,12 +28,14 @@ as its parent.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
 from lora_jax.adapters._lowered import LowRank, Replace
+from lora_jax.errors._messages import expected
 
 #: The key of the shared section of an adapter tree: frozen arrays used by every node.
 SHARED = "__shared__"
@@ -198,9 +200,35 @@ def check_whole(node: Any, path: str = "") -> NodeType:
     return entry
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _check_arrays(node: Any, entry: NodeType, path: str) -> None:
+    """Every array field holds arrays (or a pytree of them): a hand-built node with a list or a float raises."""
+    for f in entry.arrays:
+        value = getattr(node, f)
+        leaves = jax.tree_util.tree_leaves(value)
+        if not leaves or not all(_is_array(x) for x in leaves):
+            where = f"{path}: " if path else ""
+            raise TypeError(
+                expected(
+                    f"{where}{type(node).__name__}.{f}",
+                    "an array",
+                    value,
+                    f"Build the node from jax arrays, e.g. {type(node).__name__}({f}=jnp.asarray(...), ...)",
+                )
+            )
+
+
 def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") -> LowRank | Replace:
-    """``node.lower(shared)`` with its frozen fields and the shared arrays wrapped in ``stop_gradient``."""
-    check_whole(node, path)
+    """``node.lower(shared)`` with its frozen fields and the shared arrays wrapped in ``stop_gradient``.
+
+    Checks the node first (a hand-built one too): its array fields hold arrays, and its lowered form's factors,
+    layout, scale, kind and dropout are valid. Every public function that receives an adapter lowers it here.
+    """
+    entry = check_whole(node, path)
+    _check_arrays(node, entry, path)
     frozen = frozen_fields(node)
     if frozen:
         node = dataclasses.replace(node, **{f: jax.lax.stop_gradient(getattr(node, f)) for f in frozen})
@@ -212,12 +240,50 @@ def lower(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") ->
             f"return a LowRank or a Replace (lora_jax.adapters._lowered)."
         )
     if isinstance(out, LowRank):
-        _check_low_rank(out, path or _qualname(type(node)))
+        _check_low_rank(out, path or _qualname(type(node)), type(node).__name__)
     return out
 
 
-def _check_low_rank(low: LowRank, where: str) -> None:
+def _is_real(x: Any) -> bool:
+    if isinstance(x, (str, bytes, bool)) or x is None:
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_statics(low: LowRank, where: str, name: str) -> None:
+    """The static fields of a lowered form: a layout of the letters b/i/o, a finite scale >= 0, a kind, a rate."""
+    layout = low.layout
+    if (
+        not isinstance(layout, str)
+        or not layout
+        or set(layout) - {"b", "i", "o"}
+        or "i" not in layout
+        or "o" not in layout
+    ):
+        raise ValueError(
+            expected(
+                f"{where}: {name}(layout=...)",
+                "a string of 'b', 'i' and 'o', one per kernel axis, with at least one 'i' and one 'o'",
+                layout,
+                "E.g. 'io' for a Dense kernel, 'ioo' for a (d_model, heads, head_dim) projection",
+            )
+        )
+    if not isinstance(low.scale, jax.core.Tracer) and (not _is_real(low.scale) or float(low.scale) < 0):
+        raise ValueError(
+            expected(f"{where}: {name}(scale=...)", "a finite number >= 0", low.scale, "LoRA's scale is alpha / rank")
+        )
+    if low.kind not in ("linear", "embed"):
+        raise ValueError(expected(f"{where}: {name}(kind=...)", "'linear' or 'embed'", low.kind))
+    if not _is_real(low.dropout) or not 0.0 <= float(low.dropout) < 1.0:
+        raise ValueError(expected(f"{where}: {name}(dropout=...)", "a number in [0, 1)", low.dropout))
+
+
+def _check_low_rank(low: LowRank, where: str, name: str = "LowRank") -> None:
     """A and B must fit each other and the layout: ``(*batch, *in, r)`` and ``(*batch, r, *out)``."""
+    _check_statics(low, where, name)
     layout, a, b = low.layout, tuple(low.a.shape), tuple(low.b.shape)
     nb, ni, no = (layout.count(c) for c in "bio") if isinstance(layout, str) else (0, 0, 0)
     ok = (

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from lora_jax.adapters._registry import SHARED, check_whole, frozen_fields, is_adapter, lowered_shape, node_type
-from lora_jax.adapters._tree import adapter_items, body
+from lora_jax.adapters._tree import adapter_items, body, items_of
 from lora_jax.targets._paths import map_with_paths
 
 
@@ -19,7 +19,7 @@ def _holes(node: Any, keep_frozen: bool) -> Any:
 
 
 def _map_nodes(lora: Any, fn: Any) -> Any:
-    for path, node in adapter_items(lora).items():
+    for path, node in items_of(lora, "split").items():
         check_whole(node, path)  # a part of an earlier split is not split again
     return jax.tree_util.tree_map(lambda x: fn(x) if is_adapter(x) else x, lora, is_leaf=is_adapter)
 
@@ -39,6 +39,10 @@ def split(lora: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Returns:
       ``(trainable, frozen)``.
+
+    Raises:
+      TypeError: if ``lora`` is not an adapter tree (params, say).
+      ValueError: if ``lora`` is already a part of a split.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -14,6 +14,7 @@ from typing import Any
 
 from lora_jax.adapters._lowered import LowRank, Replace
 from lora_jax.adapters._registry import SHARED, is_adapter, lower, node_type
+from lora_jax.errors._messages import describe, expected
 from lora_jax.targets._paths import flatten_with_paths
 
 
@@ -27,11 +28,15 @@ def body(lora: Any) -> Any:
     return {k: v for k, v in lora.items() if k != SHARED} if isinstance(lora, Mapping) else lora
 
 
+_ADAPTER_TREE = "an adapter tree (a dict of LoraWeights / Trainable nodes, as init_lora makes)"
+
+
 def adapter_items(lora: Any) -> dict[str, Any]:
     """The adapter nodes of an adapter tree, keyed by parameter path (the shared section left out).
 
     Raises:
-      TypeError: on a leaf that is not a registered adapter node, naming its path and type.
+      TypeError: if ``lora`` is not a dict, or on a leaf that is not a registered adapter node, naming its path
+        and type.
 
     Example:
       >>> import jax.numpy as jnp
@@ -40,14 +45,25 @@ def adapter_items(lora: Any) -> dict[str, Any]:
       >>> list(adapter_items(lora))
       ['dense/kernel']
     """
+    return items_of(lora, "adapter_items")
+
+
+def items_of(lora: Any, where: str, order: str = "") -> dict[str, Any]:
+    """:func:`adapter_items`, with errors naming ``where(lora=...)`` and the function's argument ``order``."""
+    hint = (
+        f"Check the argument order: {order}"
+        if order
+        else "Pass the tree init_lora, load_adapter or import_peft returned"
+    )
+    if not isinstance(lora, Mapping):
+        raise TypeError(expected(f"{where}(lora=...)", _ADAPTER_TREE, lora, hint))
     items = flatten_with_paths(body(lora), is_leaf=_is_node)
     for path, node in items.items():
         if not is_adapter(node):
             if dataclasses.is_dataclass(node):
                 node_type(node, path)  # raises, naming the unregistered type
             raise TypeError(
-                f"{path}: an adapter tree holds LoraWeights or Trainable nodes (or registered variants; as "
-                f"made by init_lora); found {type(node).__name__}. Pass the adapter tree as the second argument."
+                expected(f"{where}(lora=...)", _ADAPTER_TREE, f"{describe(node)} at {path}", hint, found_is_text=True)
             )
     return items
 

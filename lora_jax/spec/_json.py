@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_jax.errors._messages import expected
 from lora_jax.spec._spec import LoraSpec
 
 _SPEC_FIELDS = tuple(f.name for f in LoraSpec.__dataclass_fields__.values())
@@ -37,7 +38,7 @@ def spec_to_json(spec: LoraSpec) -> dict[str, Any]:
       True
     """
     if not isinstance(spec, LoraSpec):
-        raise TypeError(f"spec must be a LoraSpec; found {type(spec).__name__}.")
+        raise TypeError(expected("spec_to_json(spec=...)", "a LoraSpec", spec))
     out: dict[str, Any] = {}
     for name in _SPEC_FIELDS:
         value = getattr(spec, name)
@@ -53,19 +54,29 @@ def spec_from_json(data: dict[str, Any]) -> LoraSpec:
     """The :class:`LoraSpec` written by :func:`spec_to_json` (validated again).
 
     Raises:
-      ValueError: on fields this version does not know (a newer lora_jax wrote
-        it) or on invalid values.
+      TypeError: if ``data`` is not a dict, or a field has the wrong type (a
+        string ``"false"`` for a bool, say).
+      ValueError: on fields this version does not know (misspelt, or a newer
+        lora_jax wrote it) or on invalid values.
 
     Example:
       >>> spec_from_json({"rank": 2, "targets": "dense/kernel"}).rank
       2
     """
     if not isinstance(data, dict):
-        raise ValueError(f"a saved LoraSpec is a JSON object; found {type(data).__name__}.")
-    unknown = sorted(set(data) - set(_SPEC_FIELDS))
+        raise TypeError(
+            expected("spec_from_json(data=...)", "a dict (the JSON object spec_to_json wrote)", data,
+                     "Parse the JSON text first: spec_from_json(json.loads(text))")
+        )  # fmt: skip
+    unknown = [k for k in data if k not in _SPEC_FIELDS]
     if unknown:
         raise ValueError(
-            f"the saved LoraSpec has fields {unknown} that this lora_jax does not know; it was written by "
-            f"another version. Known fields: {', '.join(_SPEC_FIELDS)}."
+            expected(
+                "spec_from_json(data=...)",
+                "only the fields of LoraSpec",
+                f"unknown field(s) {unknown}",
+                f"A key is misspelt, or another lora_jax version wrote it. Known fields: {', '.join(_SPEC_FIELDS)}",
+                found_is_text=True,
+            )
         )
     return LoraSpec(**data)

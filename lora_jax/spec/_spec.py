@@ -10,6 +10,7 @@ from typing import Any, Union
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors._messages import expected
 from lora_jax.targets._layout import LAYOUT_LETTERS
 
 #: A target/exclude/trainable selector: a regex string, a sequence of plain
@@ -17,6 +18,10 @@ from lora_jax.targets._layout import LAYOUT_LETTERS
 Selector = Union[str, Sequence[str], Callable[[str, Any], bool], None]
 
 INITS = ("kaiming", "gaussian", "random")
+#: The adapter dtypes: those every backend computes in and a PEFT file can hold (float8 cannot be read back).
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+_MAPPING_OF = {"rank_pattern": "{pattern: rank}", "alpha_pattern": "{pattern: alpha}", "axes": "{pattern: layout}"}
+_EXAMPLE_OF = {"rank_pattern": "4", "alpha_pattern": "16.0", "axes": "'ioo'"}
 _INIT_ALIASES = {"default": "kaiming", "kaiming_uniform": "kaiming"}
 
 
@@ -31,15 +36,44 @@ def _freeze_selector(name: str, value: Any) -> Any:
     )
 
 
+def _is_pair(kv: Any) -> bool:
+    return isinstance(kv, (tuple, list)) and len(kv) == 2
+
+
 def _freeze_mapping(name: str, value: Any, check: Callable[[str, Any], None]) -> tuple:
     if value is None:
         return ()
-    items = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(kv) for kv in value)
+    if isinstance(value, Mapping):
+        items = tuple(value.items())
+    elif isinstance(value, (tuple, list)) and all(_is_pair(kv) for kv in value):  # the frozen form, from replace()
+        items = tuple(tuple(kv) for kv in value)
+    else:
+        raise TypeError(
+            expected(
+                f"LoraSpec({name}=...)",
+                f"a dict {_MAPPING_OF[name]}",
+                value,
+                f"E.g. {name}={{'query': {_EXAMPLE_OF[name]}}}",
+            )
+        )
     for key, v in items:
         if not isinstance(key, str):
             raise TypeError(f"LoraSpec({name}=...): keys must be pattern strings; found {key!r}.")
         check(key, v)
     return items
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    """A real number: not a bool and not a string (no coercion), finite."""
+    return (
+        isinstance(v, (int, float, np.integer, np.floating))
+        and not isinstance(v, (bool, np.bool_))
+        and math.isfinite(v)
+    )
 
 
 def lora_scale(rank: int, alpha: float, *, rslora: bool) -> float:
@@ -74,7 +108,8 @@ class LoraSpec:
         B = 0; alias ``"default"``), ``"gaussian"`` (A ~ N(0, (1/r)^2),
         B = 0), or ``"random"`` (A and B both random: not a no-op, for tests).
         Embedding tables always get A = 0, B ~ N(0, 1), as in PEFT.
-      dtype: dtype of A and B (the update is computed in float32 regardless).
+      dtype: dtype of A and B: float16, bfloat16, float32 or float64 (the update is
+        computed in float32 regardless).
       axes: per-path kernel layouts ``{pattern: layout}``, required for kernels
         with more than two axes; see :mod:`lora_jax.targets._layout` (e.g. ``"ioo"``
         for a ``(d_model, heads, head_dim)`` query kernel, ``"bio"`` for a
@@ -115,16 +150,11 @@ class LoraSpec:
         def put(name, value):
             object.__setattr__(self, name, value)
 
-        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LoraSpec(rank=...) must be a positive integer; found {self.rank!r}.")
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ValueError(expected("LoraSpec(rank=...)", "a positive integer", self.rank, "E.g. rank=8"))
         put("rank", int(self.rank))
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float, np.number))
-            or not math.isfinite(self.alpha)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"LoraSpec(alpha=...) must be a positive finite number; found {self.alpha!r}.")
+        if not _is_real(self.alpha) or self.alpha <= 0:
+            raise ValueError(expected("LoraSpec(alpha=...)", "a positive finite number", self.alpha, "E.g. alpha=16.0"))
         put("alpha", float(self.alpha))
         for name in ("targets", "exclude", "trainable"):
             put(name, _freeze_selector(name, getattr(self, name)))
@@ -132,12 +162,12 @@ class LoraSpec:
             raise ValueError("LoraSpec(targets=...) is required: e.g. targets=['query', 'value'] or 'all-linear'.")
 
         def check_rank(key, v):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"LoraSpec(rank_pattern={{{key!r}: ...}}) must be a positive integer; found {v!r}.")
+            if not _is_int(v) or v < 1:
+                raise ValueError(expected(f"LoraSpec(rank_pattern={{{key!r}: ...}})", "a positive integer", v))
 
         def check_alpha(key, v):
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"LoraSpec(alpha_pattern={{{key!r}: ...}}) must be a positive number; found {v!r}.")
+            if not _is_real(v) or v <= 0:
+                raise ValueError(expected(f"LoraSpec(alpha_pattern={{{key!r}: ...}})", "a positive finite number", v))
 
         def check_axes(key, v):
             if not isinstance(v, str) or not v or set(v) - LAYOUT_LETTERS:
@@ -155,30 +185,46 @@ class LoraSpec:
             tuple((k, float(v)) for k, v in _freeze_mapping("alpha_pattern", self.alpha_pattern, check_alpha)),
         )
         put("axes", _freeze_mapping("axes", self.axes, check_axes))
-        init = _INIT_ALIASES.get(self.init, self.init)
+        init = _INIT_ALIASES.get(self.init, self.init) if isinstance(self.init, str) else self.init
         if init not in INITS:
             raise ValueError(
                 f"LoraSpec(init={self.init!r}) is not a known initialization; expected one of "
                 f"{', '.join(repr(i) for i in INITS)} (or 'default' for 'kaiming')."
             )
         put("init", init)
+        allowed = ", ".join(DTYPES)
         try:
             dtype = jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise TypeError(f"LoraSpec(dtype={self.dtype!r}) is not a dtype.") from e
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"LoraSpec(dtype=...) must be a floating dtype such as 'float32'; found {dtype}.")
+        except TypeError:
+            raise TypeError(
+                expected("LoraSpec(dtype=...)", f"a dtype (one of {allowed})", self.dtype, "E.g. dtype='bfloat16'")
+            ) from None
+        if dtype.name not in DTYPES:
+            raise ValueError(
+                expected(
+                    "LoraSpec(dtype=...)",
+                    f"one of {allowed}",
+                    dtype.name,
+                    "Adapters are stored, exported to PEFT and read back in these dtypes",
+                    found_is_text=True,
+                )
+            )
         put("dtype", dtype.name)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoraSpec(dropout=...) must be in [0, 1); found {self.dropout!r}.")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(expected("LoraSpec(dropout=...)", "a number in [0, 1)", self.dropout, "E.g. dropout=0.1"))
         put("dropout", float(self.dropout))
         for name in ("rslora", "freeze_a"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(
-                    f"LoraSpec({name}=...) must be True or False; found {type(getattr(self, name)).__name__} "
-                    f"{getattr(self, name)!r} (a string such as 'false' is not read as a bool)."
+                    expected(
+                        f"LoraSpec({name}=...)",
+                        "True or False",
+                        value,
+                        f"Write {name}=True or {name}=False (a string such as 'false' is not read as a bool)",
+                    )
                 )
-            put(name, bool(getattr(self, name)))
+            put(name, bool(value))
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """The update scale for one kernel: ``alpha/r``, or ``alpha/sqrt(r)`` with rslora."""

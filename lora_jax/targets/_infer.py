@@ -28,6 +28,8 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 
+from lora_jax.errors._checks import check_params
+from lora_jax.errors._messages import expected
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import path_str
 
@@ -350,6 +352,8 @@ def infer_axes(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -
       kernels are left out.
 
     Raises:
+      TypeError: if ``fn`` is not callable or ``params`` is not a pytree of
+        arrays (the arguments swapped, say).
       ValueError: for kernels used with two different layouts (a tied
         embedding read by a ``gather`` and by ``x @ E.T``), listing each use;
         for kernels that reach a primitive or reshape whose use of their axes
@@ -364,6 +368,16 @@ def infer_axes(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -
       >>> lora_jax.infer_axes(fn, params, jax.ShapeDtypeStruct((2, 8), jnp.float32))
       {'fc/kernel': 'io', 'proj/kernel': 'oi'}
     """
+    if not callable(fn):
+        raise TypeError(
+            expected(
+                "infer_axes(fn=...)",
+                "a callable fn(params, *args)",
+                fn,
+                "The order is infer_axes(fn, params, *example_args)",
+            )
+        )
+    check_params("infer_axes", params, order="infer_axes(fn, params, *example_args)")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_str(kp) for kp, _ in leaves]
     p_leaves = [x for _, x in leaves]

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors._checks import check_params, check_spec
+from lora_jax.errors._messages import describe, expected
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
@@ -151,7 +153,41 @@ def _ambiguous_error(kernels: list[tuple[str, tuple[int, ...]]]) -> ValueError:
     )
 
 
-def _no_match_error(spec: LoraSpec, paths: list[str]) -> ValueError:
+def _shown(selector: Any) -> str:
+    """A selector as the user wrote it: a list for a list of names (the spec stores a tuple)."""
+    return (
+        repr(list(selector)) if isinstance(selector, tuple) else "<callable>" if callable(selector) else repr(selector)
+    )
+
+
+def _is_kernel_like(leaf: Any) -> bool:
+    sd = _shape_dtype(leaf)
+    return sd is not None and len(sd[0]) >= 2 and jnp.issubdtype(sd[1], jnp.floating)
+
+
+def _no_match_error(spec: LoraSpec, flat: dict[str, Any], excluded: list[str]) -> ValueError:
+    paths = list(flat)
+    if excluded:
+        return ValueError(
+            expected(
+                f"LoraSpec(exclude={_shown(spec.exclude)})",
+                f"to leave some of the kernels that targets={_shown(spec.targets)} selects",
+                f"it removed every one ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})",
+                "Narrow exclude, or choose other targets",
+                found_is_text=True,
+            )
+        )
+    if not any(_is_kernel_like(leaf) for leaf in flat.values()):
+        shown = ", ".join(f"{p}: {describe(x)}" for p, x in list(flat.items())[:5])
+        return ValueError(
+            expected(
+                f"LoraSpec(targets={_shown(spec.targets)}) matched no kernel",
+                "params holding floating-point arrays with 2 or more axes",
+                f"none among {len(paths)} leaves ({shown})",
+                "Pass the model's parameter tree, e.g. variables['params']",
+                found_is_text=True,
+            )
+        )
     candidates = sorted(set(paths) | {p.rpartition("/")[0] for p in paths} - {""})
     wanted = (
         [spec.targets] if isinstance(spec.targets, str) else list(spec.targets) if not callable(spec.targets) else []
@@ -162,10 +198,36 @@ def _no_match_error(spec: LoraSpec, paths: list[str]) -> ValueError:
         near += difflib.get_close_matches(w, sorted({k for p in paths for k in _keys(p)}), n=3, cutoff=0.5)
     near = list(dict.fromkeys(near))[:8] or candidates[:8]
     return ValueError(
-        f"LoraSpec(targets={spec.targets!r}) matched no kernel among {len(paths)} parameters. "
+        f"LoraSpec(targets={_shown(spec.targets)}) matched no kernel among {len(paths)} parameters. "
         f"Nearest paths: {', '.join(near)}. A regex must full-match a leaf or module path; a list "
         f"entry must equal a key on the path (e.g. targets=['query', 'value'])."
     )
+
+
+def _check_pattern_keys(spec: LoraSpec, adapted: list[str], all_paths: list[str]) -> None:
+    """Every key of rank_pattern / alpha_pattern matches an adapted kernel, every key of axes a parameter."""
+
+    def matches(key: str, path: str) -> bool:
+        return key == path or pattern_matches(key, path)
+
+    for name, among, what in (
+        ("rank_pattern", adapted, "an adapted kernel"),
+        ("alpha_pattern", adapted, "an adapted kernel"),
+        ("axes", all_paths, "a parameter path"),
+    ):
+        for key, _ in getattr(spec, name):
+            if not any(matches(key, p) for p in among):
+                near = difflib.get_close_matches(key, among, n=3, cutoff=0.0)
+                raise ValueError(
+                    expected(
+                        f"LoraSpec({name}=...)",
+                        f"every key to match {what}",
+                        f"the key {key!r}, which matches none",
+                        f"Nearest: {', '.join(near)}. A key is a regex or key name, written like targets "
+                        f"(a typo here would silently keep the default)",
+                        found_is_text=True,
+                    )
+                )
 
 
 def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
@@ -184,10 +246,16 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
     targets: dict[str, Target] = {}
     trainable: set[str] = set()
     ambiguous: list[tuple[str, tuple[int, ...]]] = []
-    too_large: list[ValueError] = []
+    too_large: list[tuple[str, ValueError]] = []
+    excluded: list[str] = []  # kernels that targets selects and exclude removes
     all_linear = spec.targets == "all-linear"
     for path, leaf in flat.items():
         if spec.exclude is not None and selector_matches(spec.exclude, path, leaf):
+            if _is_kernel_like(leaf) and (
+                (all_linear and not is_embedding(path) and not is_output_head(path))
+                or (not all_linear and selector_matches(spec.targets, path, leaf))
+            ):
+                excluded.append(path)
             continue
         if selector_matches(spec.trainable, path, leaf):
             if _shape_dtype(leaf) is None:
@@ -239,11 +307,14 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
         limit = _layout.max_rank(layout, shape)
         if rank > limit:  # raised after the ambiguous layouts: a rank limit read from a guessed layout misleads
             too_large.append(
-                ValueError(
-                    f"{path}: rank {rank} is larger than the kernel allows: shape {shape} with layout "
-                    f"{layout!r} has fan-in {_layout.fan_in(layout, shape)} and fan-out "
-                    f"{_layout.fan_out(layout, shape)}, so rank <= {limit}. Lower LoraSpec(rank=...) or set "
-                    f"LoraSpec(rank_pattern={{{path!r}: {limit}}})."
+                (
+                    path,
+                    ValueError(
+                        f"{path}: rank {rank} is larger than the kernel allows: shape {shape} with layout "
+                        f"{layout!r} has fan-in {_layout.fan_in(layout, shape)} and fan-out "
+                        f"{_layout.fan_out(layout, shape)}, so rank <= {limit}. Lower LoraSpec(rank=...) or set "
+                        f"LoraSpec(rank_pattern={{{path!r}: {limit}}})."
+                    ),
                 )
             )
             continue
@@ -251,10 +322,12 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
         targets[path] = Target(path, shape, dtype, layout, rank, alpha, spec.scale_for(rank, alpha), kind)
     if ambiguous:
         raise _ambiguous_error(ambiguous)
+    adapted = [*targets, *(p for p, _ in too_large)]
+    if not adapted:
+        raise _no_match_error(spec, flat, excluded)
+    _check_pattern_keys(spec, adapted, list(flat))
     if too_large:
-        raise too_large[0]
-    if not targets:
-        raise _no_match_error(spec, list(flat))
+        raise too_large[0][1]
     return targets, trainable
 
 
@@ -283,5 +356,7 @@ def partition(params: Any, spec: LoraSpec) -> Any:
       ...     {"trainable": optax.adam(1e-3), "lora": optax.set_to_zero(), "frozen": optax.set_to_zero()},
       ...     labels)
     """
+    check_params("partition", params, order="partition(params, spec)")
+    check_spec("partition", spec, order="partition(params, spec)")
     targets, trainable = resolve(params, spec)
     return map_with_paths(lambda p, _: LORA if p in targets else TRAINABLE if p in trainable else FROZEN, params)

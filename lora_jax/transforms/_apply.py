@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters import _lowered
-from lora_jax.adapters._tree import adapter_items, lowered_items
+from lora_jax.adapters._tree import adapter_items, items_of, lowered_items
+from lora_jax.errors._checks import check_params
+from lora_jax.errors._messages import expected
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
 
 
@@ -25,12 +27,28 @@ def _check_shapes(path: str, leaf: Any, node: Any) -> None:  # node: a lowered f
         )
 
 
+def check_entry(where: str, params: Any, lora: Any) -> None:
+    """The first lines of apply_lora / merge / unmerge: params a pytree of arrays, lora an adapter tree, and
+    every adapted base leaf a value (not a ``ShapeDtypeStruct``: shapes only have nothing to add the delta to)."""
+    order = f"{where}(params, lora)"
+    items = items_of(lora, where, order)
+    check_params(where, params, order=order)
+    flat = flatten_with_paths(params)
+    for path in items:
+        leaf = flat.get(path)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise TypeError(
+                expected(
+                    f"{where}(params=...) at {path}",
+                    "an array",
+                    f"ShapeDtypeStruct of shape {leaf.shape} and dtype {leaf.dtype} (a shape, not a value)",
+                    f"Pass the real params, or get the result's shapes with jax.eval_shape({where}, params, lora)",
+                    found_is_text=True,
+                )
+            )
+
+
 def _transform(params: Any, lora: Any, op: Callable[[Any, Any], Any]) -> Any:
-    if not isinstance(lora, Mapping):
-        raise TypeError(
-            f"the adapter tree must be a dict of adapter nodes as made by init_lora (or load_adapter/import_peft); "
-            f"found {type(lora).__name__}. Call apply_lora(params, lora) with the adapter tree second."
-        )
     items = lowered_items(lora)
     flat = flatten_with_paths(params)
     missing = [p for p in items if p not in flat]
@@ -77,6 +95,8 @@ def apply_lora(params: Any, lora: Any) -> Any:
       A pytree with the structure and dtypes of ``params``.
 
     Raises:
+      TypeError: if ``lora`` is not an adapter tree (the arguments swapped,
+        say), or an adapted leaf of ``params`` is a ``ShapeDtypeStruct``.
       ValueError: if an adapter path is missing from ``params`` or its shape
         differs (the message names the path and both shapes).
 
@@ -89,6 +109,7 @@ def apply_lora(params: Any, lora: Any) -> Any:
       >>> bool(jnp.all(out["dense"]["kernel"] == 1.0))  # B = 0 at init: a no-op
       True
     """
+    check_entry("apply_lora", params, lora)
     return _transform(params, lora, _apply_op)
 
 
@@ -164,6 +185,7 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -
       >>> bool(jnp.allclose(unmerge(merged, lora)["dense"]["kernel"], 0.0, atol=1e-6))
       True
     """
+    check_entry("merge", params, lora)
     if safe:
         if _is_tracing((params, lora)):
             raise ValueError("merge(safe=True) checks values on the host and cannot run under jit; use safe=False.")
@@ -195,4 +217,5 @@ def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0, atol=1e-6))
       True
     """
+    check_entry("unmerge", params, lora)
     return _merge_like(params, lora, _remove_op, donate)

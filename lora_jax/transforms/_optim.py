@@ -11,6 +11,7 @@ import optax
 from lora_jax.adapters._lowered import Replace
 from lora_jax.adapters._registry import SHARED, frozen_fields, is_adapter, is_node_like, lowered_shape, node_type
 from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.errors._messages import describe, expected
 from lora_jax.targets._paths import map_with_paths, path_str
 from lora_jax.targets._select import TRAINABLE
 
@@ -49,6 +50,28 @@ def _holds_nodes(tree: Any) -> bool:
 
 
 def _labels(tree: Any, labels: Any) -> Any:
+    return _check_some_train(tree, _relabelled(tree, labels))
+
+
+def _check_some_train(tree: Any, out: Any) -> Any:
+    """Refuse a tree of which nothing trains (params given instead of the adapters): every update would be zero."""
+    n = len(jax.tree_util.tree_leaves(tree))
+    if n and _TRAIN not in jax.tree_util.tree_leaves(out):
+        raise ValueError(
+            expected(
+                "only_adapters(tx).init(tree)",
+                "a tree holding adapter nodes (the adapter tree, or (params, lora))",
+                f"{describe(tree).split(' ')[0]} with no adapter node among its {n} leaves, so every update would "
+                f"be zero",
+                "Optimize the adapter tree from init_lora (or (params, lora)); to train base leaves, pass "
+                "only_adapters(tx, labels=partition(params, spec))",
+                found_is_text=True,
+            )
+        )
+    return out
+
+
+def _relabelled(tree: Any, labels: Any) -> Any:
     out = _adapter_labels(tree)
     if labels is None:
         return out
@@ -109,7 +132,11 @@ def only_adapters(tx: optax.GradientTransformation, *, labels: Any = None) -> op
       labels: optional label tree (from :func:`partition`) for plain leaves.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation``. Its ``init`` raises ``ValueError`` on a tree of which nothing
+      trains (the params given instead of the adapters: every update would be zero).
+
+    Raises:
+      TypeError: if ``tx`` is not a gradient transformation (``optax.adam`` instead of ``optax.adam(1e-3)``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -124,4 +151,11 @@ def only_adapters(tx: optax.GradientTransformation, *, labels: Any = None) -> op
       >>> sum(x.size for x in jax.tree_util.tree_leaves(tx.init(fa)))  # mu and nu for B only, + count
       13
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        hint = (
+            f"Call the optimizer factory: e.g. only_adapters(optax.{tx.__name__}(1e-3))"
+            if callable(tx) and hasattr(tx, "__name__")
+            else "E.g. only_adapters(optax.adamw(1e-3))"
+        )
+        raise TypeError(expected("only_adapters(tx=...)", "an optax.GradientTransformation", tx, hint))
     return optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, lambda tree: _labels(tree, labels))

@@ -10,7 +10,8 @@ import jax
 
 from lora_jax.adapters._lowered import LowRank
 from lora_jax.adapters._registry import arrays_of, frozen_fields, lowered_shape, node_type
-from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.adapters._tree import items_of, shared_section
+from lora_jax.errors._checks import check_params
 from lora_jax.targets._paths import flatten_with_paths, is_base_leaf
 
 
@@ -106,6 +107,10 @@ def summary(params: Any, lora: Any) -> Summary:
     Returns:
       A :class:`Summary`; print it for a table.
 
+    Raises:
+      TypeError: if ``lora`` is not an adapter tree (the arguments swapped, say) or ``params`` not a pytree of
+        arrays; ValueError / TypeError on a node whose fields are invalid (a hand-built one, say).
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from lora_jax import LoraSpec, init_lora
@@ -117,9 +122,11 @@ def summary(params: Any, lora: Any) -> Summary:
       >>> print(str(s).splitlines()[-1])
       trainable params: 48 || all params: 184 || trainable%: 26.0870 || adapter bytes: 192 || base bytes: 544
     """
+    items = items_of(lora, "summary", "summary(params, lora)")
+    check_params("summary", params, order="summary(params, lora)", empty_ok=True)  # {}: the adapter alone
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
     shared = shared_section(lora)
-    rows = [_row(path, node, shared) for path, node in adapter_items(lora).items()]
+    rows = [_row(path, node, shared) for path, node in items.items()]
     shared_arrays = [x for x in jax.tree_util.tree_leaves(shared) if hasattr(x, "shape")]
     return Summary(
         rows=tuple(rows),
