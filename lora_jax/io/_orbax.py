@@ -56,7 +56,7 @@ from lora_jax.io._files import (
     sibling,
     sync_processes,
 )
-from lora_jax.io._record import record_checksums, short_error, verify_record
+from lora_jax.io._record import drain_failed_reads, record_checksums, short_error, verify_record
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -424,6 +424,7 @@ def load_adapter(
             restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
         flat = flatten_with_paths(restored[ARRAYS])
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        drain_failed_reads()  # the reads still in flight finish now, not as "Event loop is closed" noise later
         raise ValueError(
             f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
             f"({short_error(e)}). Restore an earlier checkpoint.{interrupted_hint(path)}"

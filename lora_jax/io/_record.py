@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+import threading
+import time
 from typing import Any
 
 from lora_jax.adapters._registry import SHARED
@@ -84,3 +87,40 @@ def short_error(e: BaseException) -> str:
         return f"{type(e).__name__}: {code.group(1) if code else 'error'}" + (f" reading {files[-1]}" if files else "")
     first = text.splitlines()[0] if text else ""
     return f"{type(e).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+
+
+def drain_failed_reads(*, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+    """Let the reads of a failed orbax restore finish, dropping their "Event loop is closed" callbacks.
+
+    orbax runs a restore on a fresh event loop and closes it when the first
+    read fails; tensorstore's other reads, still in flight, then try to call
+    back into the closed loop, and each prints ``Exception ignored ...
+    RuntimeError: Event loop is closed`` at some later moment (a test sees it
+    as an unraisable-exception warning). Called on the error path only: until
+    no such callback has come for ``quiet_s`` (at most ``limit_s``), exactly
+    these callbacks are dropped; any other unraisable exception passes through
+    to the previous hook, which is put back before returning.
+    """
+    previous = sys.unraisablehook
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            with lock:
+                last[0] = time.monotonic()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < limit_s:
+            with lock:
+                quiet = time.monotonic() - last[0]
+            if quiet >= quiet_s:
+                break
+            time.sleep(quiet_s - quiet)
+    finally:
+        sys.unraisablehook = previous
