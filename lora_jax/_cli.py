@@ -94,6 +94,7 @@ def inspect(path: epath.Path) -> str:
 
 def convert(src: epath.Path, dst: epath.Path, *, name_map: dict | None, overwrite: bool) -> str:
     """Convert ``src`` to the other format at ``dst``; returns a one-line report."""
+    from lora_jax.errors._messages import expected
     from lora_jax.io._orbax import load_adapter, save_adapter
     from lora_jax.io._peft_export import export_peft
     from lora_jax.io._peft_import import import_peft
@@ -101,6 +102,16 @@ def convert(src: epath.Path, dst: epath.Path, *, name_map: dict | None, overwrit
     fmt = detect_format(src)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if str(dst) == str(src):
+        raise ValueError(
+            expected(
+                "convert SRC DST",
+                "a DST other than SRC (the other format is written to DST)",
+                f"DST = SRC = {src}",
+                "write to a new path, e.g. convert SRC SRC-peft",
+                found_is_text=True,
+            )
+        )
     if fmt == ORBAX:
         lora, spec = load_adapter(src)
         export_peft(dst, lora, spec, name_map=name_map, overwrite=overwrite)

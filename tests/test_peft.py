@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import _torch_twin as T
 import jax
@@ -405,3 +406,29 @@ def test_exported_rank_and_alpha_patterns_set_the_ranks_and_scalings_peft_builds
         assert built[name][0] == r, name
         assert built[name][1] == pytest.approx(scale, rel=1e-12), name
     assert want == {"fc": (2, 5.0), "block.fc": (3, pytest.approx(4 / 3)), "block.out": (2, 2.0)}
+
+
+def test_export_writes_files_with_the_process_umask(trained, tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = lora_jax.export_peft(tmp_path / "a", trained, SPEC, name_map=T.NAME_MAP)
+        modes = {p.name: os.stat(p).st_mode & 0o777 for p in (out, out / "adapter_config.json")}
+        lora_jax.export_peft(out, trained, SPEC, name_map=T.NAME_MAP, overwrite=True)
+        modes_after = {p.name: os.stat(p).st_mode & 0o777 for p in (out, out / "adapter_model.safetensors")}
+    finally:
+        os.umask(old)
+    assert modes == {"a": 0o750, "adapter_config.json": 0o640}
+    assert modes_after == {"a": 0o750, "adapter_model.safetensors": 0o640}
+
+
+def test_a_bfloat16_peft_file_imports(params, trained, tmp_path):
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trained)
+    out = lora_jax.export_peft(tmp_path / "a", bf16, SPEC, name_map=T.NAME_MAP)
+    back, spec = lora_jax.import_peft(out, params, name_map=T.NAME_MAP, axes=T.AXES)
+    assert spec.dtype == "bfloat16"
+    for p, node in lora_jax.adapter_items(bf16).items():
+        got = lora_jax.adapter_items(back)[p]
+        if type(node) is lora_jax.LoraWeights:  # a leaf trained in full comes back in its base leaf's dtype
+            assert got.a.dtype == got.b.dtype == jnp.bfloat16, p
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(node), strict=True):
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=p)

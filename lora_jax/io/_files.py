@@ -33,7 +33,7 @@ def is_object_store(path: Any) -> bool:
     return "://" in os.fspath(path)
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
+def as_path(path: str | os.PathLike, where: str = "path") -> epath.Path:
     """``path`` as an ``etils.epath.Path``: a URI keeps its scheme, a local path becomes absolute.
 
     Example:
@@ -41,7 +41,11 @@ def as_path(path: str | os.PathLike) -> epath.Path:
       ('gs://bucket/run', True)
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (e.g. 'gs://bucket/run'); found {type(path).__name__}.")
+        from lora_jax.errors._messages import expected
+
+        raise TypeError(
+            expected(where, "a str or os.PathLike (e.g. 'run/adapter' or 'gs://bucket/run')", path, "check the order")
+        )
     p = epath.Path(path)
     return p if is_object_store(p) else p.resolve()
 
@@ -119,3 +123,59 @@ def replace_dir(new: epath.Path, path: epath.Path, *, old: epath.Path) -> None:
     _copy_tree(new, path)
     _remove_quietly(new)
     _remove_quietly(old)
+
+
+def check_directory(path: epath.Path, where: str, what: str) -> None:
+    """Raise unless ``path`` is a directory: ``FileNotFoundError`` if nothing is there, ``NotADirectoryError`` if a file.
+
+    Example:
+      >>> import tempfile
+      >>> f = as_path(tempfile.mkdtemp()) / "f"; _ = f.write_text("x")
+      >>> check_directory(f, "load_adapter(path=...)", "an adapter checkpoint directory")
+      Traceback (most recent call last):
+      NotADirectoryError: load_adapter(path=...): expected an adapter checkpoint directory, found a file at ...
+    """
+    from lora_jax.errors._messages import expected
+
+    if path.is_dir():
+        return
+    if path.exists():
+        raise NotADirectoryError(
+            expected(where, what, f"a file at {path}", "pass the directory that holds it", found_is_text=True)
+        )
+    raise FileNotFoundError(
+        expected(where, what, f"no such directory {path}", interrupted_hint(path).strip(), found_is_text=True)
+    )
+
+
+def check_replaceable(path: epath.Path, allowed: frozenset[str], where: str, what: str) -> None:
+    """Raise unless the existing ``path`` may be replaced by ``overwrite=True``.
+
+    Only an empty directory or one whose top level holds nothing but the names
+    in ``allowed`` (the files of the format being written) is replaced; a
+    regular file or a directory holding anything else is refused, so a typo in
+    ``path`` never deletes unrelated data.
+    """
+    from lora_jax.errors._messages import expected
+
+    if not path.is_dir():
+        raise FileExistsError(
+            expected(
+                where,
+                f"a path to create, or {what} to replace",
+                f"a file at {path}",
+                "overwrite=True replaces only a directory of that format; remove the file or choose another path",
+                found_is_text=True,
+            )
+        )
+    other = sorted(p.name for p in path.iterdir() if p.name not in allowed)
+    if other:
+        raise FileExistsError(
+            expected(
+                where,
+                f"an empty directory or {what} to replace (top level only {', '.join(sorted(allowed))})",
+                f"{path} holding {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}",
+                "overwrite=True never deletes other files; remove them or choose another path",
+                found_is_text=True,
+            )
+        )

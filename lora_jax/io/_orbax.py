@@ -10,11 +10,19 @@ A checkpoint holds the adapter arrays and a JSON record, never base weights:
   per path the node's record (:mod:`lora_jax.io._codec`: its registered type
   name, static metadata such as ``scale``, ``layout``, ``kind``), shapes,
   dtypes and a checksum of every array; the shared section's arrays are
-  stored once under ``"__shared__"``.
+  stored once under ``"__shared__"``; and under ``"checksums"`` a SHA-256 of
+  the canonical JSON of the spec and of every node's record
+  (:mod:`lora_jax.io._record`).
 
 So a checkpoint restores without re-creating the spec, the static metadata
-comes back identically, and a corrupt or truncated file is detected rather
-than silently loaded. :func:`adapter_checkpoint_args` gives the two items for
+comes back identically, and a corrupt or truncated file, or an edited record
+(a scale, layout, kind, type, dropout, frozen or spec changed by hand), is
+detected rather than silently loaded. Before anything is written the spec is
+checked to describe the adapter (:mod:`lora_jax.io._describes`).
+
+Format versions: 3 (this one) has the record checksums; 2 (before them) is
+read as it was, its record unchecked, since it has none to check; 1 (lora_jax
+0.1) is upgraded on read, unchecked too. A newer version is refused. :func:`adapter_checkpoint_args` gives the two items for
 your own ``orbax.checkpoint.CheckpointManager``; :func:`load_adapter` reads a
 ``save_adapter`` directory or a manager's step directory alike.
 """
@@ -33,15 +41,33 @@ from etils import epath
 
 from lora_jax.adapters._registry import SHARED
 from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.errors._messages import expected
 from lora_jax.io._codec import abstract_tree, decode, encode, kernel_shapes, upgrade_v1
-from lora_jax.io._files import NEW, OLD, as_path, interrupted_hint, replace_dir, returned, sibling, sync_processes
+from lora_jax.io._describes import check_adapter_args, check_spec_describes
+from lora_jax.io._files import (
+    NEW,
+    OLD,
+    as_path,
+    check_directory,
+    check_replaceable,
+    interrupted_hint,
+    replace_dir,
+    returned,
+    sibling,
+    sync_processes,
+)
+from lora_jax.io._record import drain_failed_reads, record_checksums, short_error, verify_record
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json, spec_to_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
 
 FORMAT = "lora_jax.adapter"
-VERSION = 2  # 2: node records {"type", "meta", "arrays"} and a shared section; 1 (lora_jax 0.1) is read too
+# 3: "checksums" covers the spec and every node's record; 2: node records {"type", "meta", "arrays"} and a shared
+# section, read without a record checksum (none was written); 1 (lora_jax 0.1) is upgraded on read
+VERSION = 3
 ARRAYS, META = "adapter", "adapter_meta"
+# the top level of a checkpoint directory: what save_adapter(..., overwrite=True) may replace
+CHECKPOINT_FILES = frozenset({ARRAYS, META, "_CHECKPOINT_METADATA", "_METADATA", "commit_success.txt"})
 
 
 # ---------------------------------------------------------------------------- arrays, metadata, checksums
@@ -97,6 +123,22 @@ def _records(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _checkpoint_args(lora: Any, spec: LoraSpec, fn: str) -> Any:
+    import orbax.checkpoint as ocp
+
+    check_adapter_args(lora, spec, fn)
+    spec_json = spec_to_json(spec)
+    check_spec_describes(lora, spec, fn)
+    adapters, shared = _describe(lora)
+    meta = {"format": FORMAT, "version": VERSION, "spec": spec_json, "adapters": adapters}
+    if shared:
+        meta["shared"] = shared
+    meta = json.loads(json.dumps(meta))  # tuples as lists: the checksums are of what is read back
+    meta["checksums"] = record_checksums(meta)
+    arrays = nest(_flat_arrays(lora))
+    return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
+
+
 def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
     """The orbax save arguments for an adapter: ``Composite(adapter=..., adapter_meta=...)``.
 
@@ -113,7 +155,9 @@ def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
       ``"adapter_meta"``.
 
     Raises:
-      ValueError: if the spec holds a callable selector.
+      ValueError: if the spec holds a callable selector, the tree is empty,
+        or the spec does not describe the adapter (another rank, alpha,
+        rslora, dropout, freeze_a, layout, or targets that select other paths).
 
     Example:
       >>> import jax, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -125,17 +169,7 @@ def adapter_checkpoint_args(lora: Any, spec: LoraSpec) -> Any:
       ['adapter', 'adapter_meta']
       >>> both = ocp.args.Composite(**args, step_info=ocp.args.JsonSave({"step": 1}))  # add your own items
     """
-    import orbax.checkpoint as ocp
-
-    spec_json = spec_to_json(spec)
-    if not adapter_items(lora):
-        raise ValueError("the adapter tree is empty: there is nothing to save. Create it with init_lora.")
-    adapters, shared = _describe(lora)
-    meta = {"format": FORMAT, "version": VERSION, "spec": spec_json, "adapters": adapters}
-    if shared:
-        meta["shared"] = shared
-    arrays = nest(_flat_arrays(lora))
-    return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)})
+    return _checkpoint_args(lora, spec, "adapter_checkpoint_args")
 
 
 def save_adapter(
@@ -167,15 +201,20 @@ def save_adapter(
       lora: an adapter tree (may hold sharded arrays; every process must call
         this, orbax writes each process's shards).
       spec: the :class:`LoraSpec` the adapter was made with.
-      overwrite: replace an existing checkpoint at ``path``.
+      overwrite: replace an existing checkpoint at ``path``: an empty
+        directory or one whose top level holds only orbax checkpoint files
+        (``adapter``, ``adapter_meta``, ``_CHECKPOINT_METADATA``, ...); never
+        a regular file or a directory holding anything else.
 
     Returns:
       The checkpoint path: an absolute ``pathlib.Path`` when local, an
       ``etils.epath.Path`` for a URI.
 
     Raises:
-      FileExistsError: if ``path`` exists and ``overwrite`` is False.
-      ValueError: if the spec holds a callable selector or the tree is empty.
+      FileExistsError: if ``path`` exists and ``overwrite`` is False, or is a
+        file or a directory holding other files.
+      ValueError: if the spec holds a callable selector, the tree is empty, or
+        the spec does not describe the adapter (see :func:`adapter_checkpoint_args`).
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, os
@@ -189,10 +228,13 @@ def save_adapter(
     """
     import orbax.checkpoint as ocp
 
-    path = as_path(path)
+    path = as_path(path, "save_adapter(path=...)")
+    check_adapter_args(lora, spec, "save_adapter")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass save_adapter(..., overwrite=True) to replace it.")
-    args = adapter_checkpoint_args(lora, spec)  # validates before anything is written
+    if path.exists():
+        check_replaceable(path, CHECKPOINT_FILES, "save_adapter(path=..., overwrite=True)", "an orbax checkpoint")
+    args = _checkpoint_args(lora, spec, "save_adapter")  # validates before anything is written
     # fixed names (not random) so that every process of a multi-host job agrees on them
     tmp = sibling(path, NEW) if path.exists() else path
     if tmp != path:
@@ -212,8 +254,9 @@ def save_adapter(
 
 def _read_meta(path: epath.Path) -> dict[str, Any]:
     meta_file = path / META / "metadata"
-    if not path.is_dir():
+    if not path.is_dir() and not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory.{interrupted_hint(path)}")
+    check_directory(path, f"{path}", "an adapter checkpoint directory (written by save_adapter)")
     if not meta_file.is_file():
         raise ValueError(
             f"{path}: not a lora_jax adapter checkpoint (no {META}/metadata inside). Expected a directory "
@@ -226,7 +269,11 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
         raise ValueError(f"{path}: the adapter metadata is corrupt or truncated ({e}); restore another step.") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("adapters"), dict):
         raise ValueError(f"{path}: {META}/metadata is not a {FORMAT} record; the checkpoint is corrupt or foreign.")
-    if meta.get("version") == 1:  # lora_jax 0.1: the same arrays, node metadata at the top of each entry
+    if meta.get("version") == VERSION:
+        verify_record(f"{path / META / 'metadata'}", meta, VERSION)
+    elif meta.get("version") == 2:  # written before the record checksums: nothing covers the record
+        meta = {**meta, "version": VERSION}
+    elif meta.get("version") == 1:  # lora_jax 0.1: the same arrays, node metadata at the top of each entry
         meta = {
             **meta,
             "version": VERSION,
@@ -234,7 +281,7 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
         }
     if meta.get("version") != VERSION:
         raise ValueError(
-            f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads versions 1 and {VERSION}. "
+            f"{path}: adapter checkpoint version {meta.get('version')!r}; this lora_jax reads versions 1 to {VERSION}. "
             f"A newer lora_jax wrote it: upgrade lora_jax to load it."
         )
     return meta
@@ -348,7 +395,20 @@ def load_adapter(
     """
     import orbax.checkpoint as ocp
 
-    path = as_path(path)
+    path = as_path(path, "load_adapter(path=...)")
+    if spec is not None and not isinstance(spec, LoraSpec):
+        raise TypeError(
+            expected("load_adapter(spec=...)", "a LoraSpec or None", spec, "pass the spec it was saved with")
+        )
+    if isinstance(target, LoraSpec):
+        raise TypeError(
+            expected(
+                "load_adapter(target=...)",
+                "an adapter tree (arrays or ShapeDtypeStructs) or None",
+                target,
+                "pass the spec by keyword: load_adapter(path, spec=spec)",
+            )
+        )
     meta = _read_meta(path)
     try:
         saved_spec = spec_from_json(meta["spec"])
@@ -368,10 +428,10 @@ def load_adapter(
             restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
         flat = flatten_with_paths(restored[ARRAYS])
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        drain_failed_reads()  # the reads still in flight finish now, not as "Event loop is closed" noise later
         raise ValueError(
             f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Restore an earlier checkpoint."
-            f"{interrupted_hint(path)}"
+            f"({short_error(e)}). Restore an earlier checkpoint.{interrupted_hint(path)}"
         ) from None
     if set(flat) != set(abstract):
         raise ValueError(f"{path}: the adapter arrays do not match their metadata; the checkpoint is corrupt.")
@@ -404,4 +464,4 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
       >>> meta["adapters"]["dense/kernel"]["meta"]["layout"], meta["spec"]["rank"]
       ('io', 2)
     """
-    return _read_meta(as_path(path))
+    return _read_meta(as_path(path, "read_adapter_meta(path=...)"))

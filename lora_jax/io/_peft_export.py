@@ -45,7 +45,8 @@ from etils import epath
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._tree import adapter_items, lowered_items
-from lora_jax.io._files import NEW, OLD, as_path, replace_dir, returned, sibling, sync_processes
+from lora_jax.io._describes import check_adapter_args, check_spec_describes
+from lora_jax.io._files import NEW, OLD, as_path, check_replaceable, replace_dir, returned, sibling, sync_processes
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -71,6 +72,22 @@ def to_host(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def _check_conv(conv: Any) -> None:
+    from lora_jax.errors._messages import expected
+
+    ok = conv in ("auto", None) or isinstance(conv, str) or callable(conv)
+    ok = ok or (isinstance(conv, (list, tuple)) and all(isinstance(c, str) for c in conv))
+    if not ok:
+        raise TypeError(
+            expected(
+                "export_peft(conv=...)",
+                "'auto', None, a regex string, a list of names or a callable (path, leaf) -> bool",
+                conv,
+                "conv selects which kernels are convolutions, as LoraSpec(targets=...) does",
+            )
+        )
 
 
 def _is_conv(conv: Any, path: str, layout: str) -> bool:
@@ -123,6 +140,27 @@ def _trainable_tensor(path: str, value: np.ndarray, spec: LoraSpec, conv: Any) -
         f"supported are 'kernel' (2-D, or with a layout in LoraSpec(axes=...) without stacked axes), "
         f"'embedding', 'bias' and 'scale'. Leave it out of LoraSpec(trainable=...)."
     )
+
+
+_PEFT_FLOATS = ("float16", "bfloat16", "float32", "float64")  # what PEFT (and import_peft) read back
+
+
+def _host_float(x: Any, where: str) -> np.ndarray:
+    """``to_host(x)``, refusing a dtype PEFT files do not hold (float8, integers)."""
+    from lora_jax.errors._messages import expected
+
+    name = np.dtype(x.dtype).name
+    if name not in _PEFT_FLOATS:
+        raise ValueError(
+            expected(
+                where,
+                f"an array of a dtype PEFT reads ({', '.join(_PEFT_FLOATS)})",
+                f"dtype {name}",
+                "cast the adapter first, e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), lora)",
+                found_is_text=True,
+            )
+        )
+    return to_host(x)
 
 
 def _number(x: float) -> float | int:
@@ -181,7 +219,10 @@ def export_peft(
         ``(in, out)``: True when the adapted torch modules are transformers'
         ``Conv1D`` (GPT-2 style), False for ``nn.Linear``. ``lora_A`` and
         ``lora_B`` are the same either way; PEFT reads the flag to merge.
-      overwrite: replace an existing adapter directory.
+      overwrite: replace an existing adapter directory: an empty directory
+        or one whose top level holds only ``adapter_config.json`` and
+        ``adapter_model.safetensors``; never a regular file or a directory
+        holding anything else.
 
     Returns:
       The path written: an absolute ``pathlib.Path`` when local, an
@@ -191,8 +232,11 @@ def export_peft(
       ValueError: if a stacked kernel's module name does not place the layer
         index, two adapters map to one module name, or a leaf trained in full
         has no torch equivalent, or a kernel trained in full is exported with
-        ``fan_in_fan_out=True`` (which weight layout its torch module has is unknown).
-      FileExistsError: if ``path`` exists and ``overwrite`` is False.
+        ``fan_in_fan_out=True`` (which weight layout its torch module has is unknown),
+        or ``spec`` does not describe the adapter (another rank, alpha, rslora,
+        dropout, freeze_a, layout, or targets that select other paths).
+      FileExistsError: if ``path`` exists and ``overwrite`` is False, or is a
+        file or a directory holding other files.
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, os, json
@@ -208,11 +252,15 @@ def export_peft(
     """
     from safetensors.numpy import save
 
-    path = as_path(path)
+    path = as_path(path, "export_peft(path=...)")
+    check_adapter_args(lora, spec, "export_peft")
+    _check_conv(conv)
     exists = path.exists()
     sync_processes(f"lora_jax.export_peft.check:{path}")  # every process checks before process 0 may write
     if exists and not overwrite:
         raise FileExistsError(f"{path} already exists; pass export_peft(..., overwrite=True) to replace it.")
+    if exists:
+        check_replaceable(path, frozenset({CONFIG, WEIGHTS}), "export_peft(path=..., overwrite=True)", "a PEFT adapter")
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}
     ranks: dict[str, int] = {}
@@ -243,7 +291,7 @@ def export_peft(
                     f"is unknown. Export it without fan_in_fan_out, or leave it out of LoraSpec(trainable=...)."
                 )
             name = module_name(name_map, p)
-            key, value = _trainable_tensor(p, to_host(node.value), spec, conv)
+            key, value = _trainable_tensor(p, _host_float(node.value, f"export_peft(lora=...) at {p}"), spec, conv)
             claim(f"{name}.{key}", p)
             tensors[f"{PREFIX}{name}.{key}"] = value
             if name not in saved_modules:
@@ -251,7 +299,7 @@ def export_peft(
             continue
         layout = node.layout
         nb = layout.count("b")
-        a, b = to_host(node.a), to_host(node.b)
+        a, b = (_host_float(x, f"export_peft(lora=...) at {p}/{f}") for f, x in (("a", node.a), ("b", node.b)))
         names = expand(module_name(name_map, p), p, layout, a.shape[:nb])
         is_conv = _is_conv(conv, p, layout)
         # alpha from the static scale; 12 significant digits undo float rounding (7/sqrt(2)*sqrt(2) -> 7)
@@ -262,6 +310,7 @@ def export_peft(
             ka, kb = (EMBED_A, EMBED_B) if node.kind == "embed" else (LORA_A, LORA_B)
             tensors[f"{PREFIX}{name}.{ka}"], tensors[f"{PREFIX}{name}.{kb}"] = la, lb
             ranks[name], alphas[name] = node.rank, alpha
+    check_spec_describes(lora, spec, "export_peft")  # r, lora_alpha and use_rslora are written from the spec
     targets = sorted(ranks)
     config = {
         "peft_type": "LORA",

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
-from lora_jax.io._files import as_path, interrupted_hint
+from lora_jax.errors._messages import expected
+from lora_jax.io._files import as_path, check_directory, interrupted_hint
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -38,6 +39,7 @@ from lora_jax.io._peft_names import (
     module_name,
     pattern_key,
 )
+from lora_jax.io._safetensors import read_tensors
 from lora_jax.spec._spec import LoraSpec, lora_scale
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -68,17 +70,56 @@ def _check_init(file: Any, config: dict[str, Any]) -> None:
     )
 
 
+def _number(file: Any, key: str, value: Any, what: str, ok: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(expected(f"{file}: {key}", what, value, f"set {key} in the config to {what}"))
+    return value
+
+
+def config_values(file: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA settings of a PEFT config, each checked and blamed on its own key.
+
+    PEFT's defaults apply to absent keys (``r`` 8, ``lora_alpha`` 8,
+    ``use_rslora`` False, ``lora_dropout`` 0); a key set to a wrong value,
+    ``null`` included, raises naming the key.
+    """
+    out: dict[str, Any] = {}
+    out["r"] = int(_number(file, "r", config.get("r", 8), "a positive integer rank", lambda v: v >= 1 and v == int(v)))
+    out["lora_alpha"] = float(
+        _number(file, "lora_alpha", config.get("lora_alpha", 8), "a positive number (PEFT's alpha)", lambda v: v > 0)
+    )
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ValueError(
+            expected(f"{file}: use_rslora", "true or false (a JSON bool)", rslora, "write use_rslora: false or true")
+        )
+    out["use_rslora"] = rslora
+    dropout = config.get("lora_dropout") or 0.0
+    out["lora_dropout"] = float(_number(file, "lora_dropout", dropout, "a number in [0, 1)", lambda v: 0 <= v < 1))
+    for key, what, ok in (
+        ("rank_pattern", "a positive integer rank", lambda v: v >= 1 and v == int(v)),
+        ("alpha_pattern", "a positive number", lambda v: v > 0),
+    ):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(expected(f"{file}: {key}", "an object {module pattern: value}", pattern))
+        out[key] = {k: _number(file, f"{key}[{k!r}]", v, what, ok) for k, v in pattern.items()}
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise ValueError(expected(f"{file}: modules_to_save", "a list of module names, or null", saved))
+    out["modules_to_save"] = saved
+    return out
+
+
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The config dict and tensors (without the ``base_model.model.`` prefix) of a PEFT adapter.
 
     ``path`` is a local directory or a URI (``"gs://bucket/peft"``, read through ``etils.epath``).
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     path = as_path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such PEFT adapter directory.{interrupted_hint(path)}")
+    check_directory(path, f"{path}", f"a PEFT adapter directory (holding {CONFIG} and {WEIGHTS})")
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ValueError(
             f"{path}: not a PEFT adapter (expected {CONFIG} and {WEIGHTS} inside).{interrupted_hint(path)}"
@@ -97,17 +138,33 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         "layer_replication": (None,),
         "target_parameters": (None, []),
         "trainable_token_indices": (None,),
+        "alora_invocation_tokens": (None,),  # activated LoRA: the adapter acts only after these tokens
     }
     for key, ok in unsupported.items():
         if key in config and config[key] not in ok:
-            raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported by lora_jax's importer.")
+            raise ValueError(
+                expected(
+                    f"{path / CONFIG}: {key}",
+                    f"{' or '.join(json.dumps(v) for v in ok)} (a plain LoRA adapter)",
+                    config[key],
+                    "lora_jax imports plain LoRA adapters; "
+                    + (
+                        "an activated LoRA (aLoRA) applies only after its invocation tokens, which apply_lora cannot "
+                        "do: importing it as plain LoRA would change every token"
+                        if key == "alora_invocation_tokens"
+                        else f"{key} is not supported by lora_jax's importer"
+                    ),
+                )
+            )
     _check_init(path / CONFIG, config)
+    config_values(path / CONFIG, config)
     try:
-        raw = load((path / WEIGHTS).read_bytes())
-    except (SafetensorError, OSError, ValueError) as e:
+        data = (path / WEIGHTS).read_bytes()
+    except OSError as e:
         raise ValueError(
             f"{path / WEIGHTS}: cannot read the tensors, the file is corrupt or truncated ({e})."
         ) from None
+    raw = read_tensors(data, path / WEIGHTS)
     tensors = {}
     for k, v in raw.items():
         if not k.startswith(PREFIX):
@@ -265,13 +322,23 @@ def import_peft(
       >>> bool(jnp.all(back["model"]["q_proj"]["kernel"].b == lora["model"]["q_proj"]["kernel"].b)), spec2.rank
       (True, 2)
     """
-    path = as_path(path)
+    path = as_path(path, "import_peft(path=...)")
     config, tensors = read_peft(path)
     if params is None:
         if name_map is not None or axes is not None:
             raise ValueError("import_peft(params=None) reads the kernels from the file; name_map and axes need params.")
         params = _skeleton(config, tensors)
-    axes = LoraSpec(axes=axes or ()).axes
+    try:
+        axes = LoraSpec(axes=axes or ()).axes
+    except (TypeError, ValueError) as e:
+        raise type(e)(
+            expected(
+                "import_peft(axes=...)",
+                "kernel layouts {pattern: layout}, e.g. {'attn/query': 'ioo'}",
+                axes,
+                " ".join(str(e).split()),
+            )
+        ) from None
     saved = list(config.get("modules_to_save") or [])
     lora_parts, full_parts, unknown = _split_keys(tensors, saved)
     if unknown:
@@ -279,10 +346,19 @@ def import_peft(
             f"{path}: {len(unknown)} tensor(s) are neither LoRA weights nor modules_to_save: "
             f"{', '.join(unknown[:6])}. lora_jax imports plain LoRA adapters (no DoRA, no LoRA biases)."
         )
-    r0, alpha0, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
-    dropout = float(config.get("lora_dropout") or 0.0)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    values = config_values(path / CONFIG, config)
+    r0, alpha0, rslora, dropout = values["r"], values["lora_alpha"], values["use_rslora"], values["lora_dropout"]
+    rank_pattern, alpha_pattern = values["rank_pattern"], values["alpha_pattern"]
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
+    if not flat:
+        raise TypeError(
+            expected(
+                "import_peft(params=...)",
+                "the base parameter tree (array or ShapeDtypeStruct leaves), or None to read the kernels from the file",
+                params,
+                "the order is import_peft(path, params)",
+            )
+        )
     out: dict[str, Any] = {}
     used: set[str] = set()
     ranks, alphas, layouts = {}, {}, {}

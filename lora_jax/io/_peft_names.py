@@ -34,6 +34,12 @@ def default_name_map(path: str) -> str:
       >>> default_name_map("encoder/layers/0/attn/q_proj/kernel")
       'encoder.layers.0.attn.q_proj'
     """
+    if not isinstance(path, str):
+        from lora_jax.errors._messages import expected
+
+        raise TypeError(
+            expected("default_name_map(path=...)", "a parameter path such as 'encoder/layers/0/q_proj/kernel'", path)
+        )
     module = path.rpartition("/")[0]
     if not module:
         raise ValueError(
@@ -58,7 +64,11 @@ def module_name(name_map: NameMap, path: str) -> str:
         )
     if callable(name_map):
         return _check_name(name_map(path), path)
-    raise TypeError(f"name_map must be None, a dict or a callable path -> name; found {type(name_map).__name__}.")
+    from lora_jax.errors._messages import expected
+
+    raise TypeError(
+        expected("name_map", "None, a dict {parameter path: torch module name} or a callable path -> name", name_map)
+    )
 
 
 def _check_name(name: Any, path: str) -> str:
