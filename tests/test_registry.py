@@ -368,6 +368,13 @@ def test_a_checkpoint_whose_shared_records_are_missing_names_the_path(tmp_path):
     meta = json.loads(meta_file.read_text())
     del meta["shared"]
     meta_file.write_text(json.dumps(meta))
+    # format 3 checksums the records: the edit is caught first, naming the record
+    with pytest.raises(ValueError, match=r"adapter_meta/metadata: expected the record of the shared section to match"):
+        lora_jax.load_adapter(broken, params=SHARED_PARAMS)
+    # a format-2 record (no record checksums) reaches the node, which names its path
+    meta["version"] = 2
+    del meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"q/kernel: the 'test-shared-projection' node does not lower with the shared"):
         lora_jax.load_adapter(broken, params=SHARED_PARAMS)
 

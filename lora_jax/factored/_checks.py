@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from lora_jax.adapters._registry import SHARED, is_adapter
+from lora_jax.adapters._registry import SHARED, is_adapter, is_node_like, node_type
 from lora_jax.adapters._tree import lowered_items
 from lora_jax.errors._messages import expected
 from lora_jax.targets._paths import flatten_with_paths, path_str
@@ -72,8 +72,10 @@ def check_call(params: Any, lora: Any) -> None:
         hint = "pass the adapter tree made by init_lora (or load_adapter / import_peft) second"
         raise TypeError(expected(f"{_CALL}: lora", "an adapter tree (a dict of adapter nodes)", lora, hint))
     body = {k: v for k, v in lora.items() if k != SHARED}
-    for path, leaf in flatten_with_paths(body, is_leaf=is_adapter).items():
-        if leaf is not None and not is_adapter(leaf):
+    for path, leaf in flatten_with_paths(body, is_leaf=is_node_like).items():
+        if is_node_like(leaf):
+            node_type(leaf, path)  # a subclass of a node type raises here, naming it
+        elif leaf is not None:
             raise TypeError(
                 expected(
                     f"{_CALL}: lora at {path}",

@@ -19,11 +19,11 @@ import jax
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._registry import check_whole
-from lora_jax.adapters._tree import adapter_items
+from lora_jax.adapters._tree import adapter_items, items_of
 from lora_jax.errors._messages import expected
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import nest
-from lora_jax.targets._select import resolve
+from lora_jax.targets._select import pattern_matches, resolve
 
 _HINT = "pass the LoraSpec the adapter was made with (init_lora's, or the one load_adapter/import_peft returned)"
 
@@ -42,7 +42,8 @@ def check_adapter_args(lora: Any, spec: Any, fn: str) -> None:
         )
     if not isinstance(spec, LoraSpec):
         raise TypeError(expected(f"{fn}(spec=...)", "a LoraSpec", spec, "pass the spec the adapter was made with"))
-    if not adapter_items(lora):
+    order = f"{fn}(lora, spec)" if fn == "adapter_checkpoint_args" else f"{fn}(path, lora, spec)"
+    if not items_of(lora, fn, order):
         raise ValueError(
             expected(
                 f"{fn}(lora=...)",
@@ -76,8 +77,10 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.kernel_shape), "float32")
         else:
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.value.shape), node.value.dtype)
+    # layouts given for kernels the adapter does not hold (infer_axes gives one for every kernel) are not its business
+    axes = tuple((k, v) for k, v in spec.axes if any(k == p or pattern_matches(k, p) for p in abstract))
     try:
-        targets, trainable = resolve(nest(abstract), spec)
+        targets, trainable = resolve(nest(abstract), spec.replace(axes=axes))
     except (ValueError, TypeError) as e:
         raise ValueError(
             expected(

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from lora_jax.adapters._init import init_unsharded
 from lora_jax.adapters._registry import SHARED, check_field_axes, is_adapter, lowered_shape, node_type
-from lora_jax.adapters._tree import adapter_items, shared_section
+from lora_jax.adapters._tree import items_of, shared_section
 from lora_jax.errors._messages import expected
 from lora_jax.parallel._checks import check_key, check_mesh, check_on_mesh, check_optimizer_inputs, wrapped
 from lora_jax.spec._spec import LoraSpec
@@ -325,7 +325,7 @@ def adapter_shardings(shardings: Any, lora: Any, *, mesh: jax.sharding.Mesh | No
     shared = shared_section(lora)
     out: dict[str, Any] = {}
     bases = []
-    for path, node in adapter_items(lora).items():
+    for path, node in items_of(lora, "adapter_shardings", "adapter_shardings(shardings, lora, mesh=...)").items():
         if path not in flat:
             near = difflib.get_close_matches(path, list(flat), n=3, cutoff=0.0)
             raise ValueError(

@@ -191,9 +191,9 @@ CASES = [
     (
         "adapter_checkpoint_args_of_none",
         lambda: lora_jax.adapter_checkpoint_args(None, SPEC),
-        ValueError,
-        r"adapter_checkpoint_args\(lora=\.\.\.\): expected an adapter tree holding at least one adapter node.*"
-        r"found NoneType",
+        TypeError,
+        r"adapter_checkpoint_args\(lora=\.\.\.\): expected an adapter tree.*found NoneType.*"
+        r"adapter_checkpoint_args\(lora, spec\)",
     ),
     (
         "save_adapter_spec_is_a_dict",

@@ -122,7 +122,8 @@ CASES = [
         "shardings_and_lora_swapped",
         lambda: adapter_shardings(LORA, SPECS),
         TypeError,
-        r"dense/kernel: an adapter tree holds LoraWeights.*found P.*adapter tree as the second argument",
+        r"adapter_shardings\(lora=\.\.\.\): expected an adapter tree.*found P.* at dense/kernel.*"
+        r"adapter_shardings\(shardings, lora, mesh=\.\.\.\)",
     ),
     # init_lora_sharded
     (
