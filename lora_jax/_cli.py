@@ -55,7 +55,7 @@ def detect_format(path: epath.Path) -> str:
 def _abstract_lora(path: epath.Path, fmt: str) -> tuple[Any, str]:
     """An adapter tree of ShapeDtypeStructs (no arrays read for orbax) and a description line."""
     from lora_jax.io._codec import abstract_tree
-    from lora_jax.io._orbax import read_adapter_meta
+    from lora_jax.io._orbax_load import read_adapter_meta
 
     if fmt == ORBAX:
         meta = read_adapter_meta(path)
@@ -66,7 +66,8 @@ def _abstract_lora(path: epath.Path, fmt: str) -> tuple[Any, str]:
         s = meta["spec"]
         desc = f"orbax adapter checkpoint {path}: rank={s['rank']} alpha={s['alpha']:g} rslora={s['rslora']}"
         return lora, desc
-    from lora_jax.io._peft_import import import_peft, read_peft
+    from lora_jax.io._peft_import import import_peft
+    from lora_jax.io._peft_read import read_peft
 
     config, _ = read_peft(path)
     lora, spec = import_peft(path)
@@ -95,7 +96,8 @@ def inspect(path: epath.Path) -> str:
 def convert(src: epath.Path, dst: epath.Path, *, name_map: dict | None, overwrite: bool) -> str:
     """Convert ``src`` to the other format at ``dst``; returns a one-line report."""
     from lora_jax.errors._messages import expected
-    from lora_jax.io._orbax import load_adapter, save_adapter
+    from lora_jax.io._orbax import save_adapter
+    from lora_jax.io._orbax_load import load_adapter
     from lora_jax.io._peft_export import export_peft
     from lora_jax.io._peft_import import import_peft
 

@@ -135,7 +135,7 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
     check_params("init_lora", params, order=order)
     check_spec("init_lora", spec, order=order)
     if _carries_shardings(params):
-        from lora_jax.parallel._sharding import init_lora_sharded  # imports this module: a deferred import
+        from lora_jax.parallel._init import init_lora_sharded  # imports this module: a deferred import
 
         return init_lora_sharded(key, params, spec)
     return init_unsharded(key, params, spec)

@@ -20,9 +20,8 @@ is used:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.extend.core as jcore
@@ -32,19 +31,7 @@ from lora_jax.errors._checks import check_params
 from lora_jax.errors._messages import expected
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import path_str
-
-# An axis of a traced value is a tuple of units (kernel axis, size): () for an axis the kernel does not
-# have (a broadcast), one unit for a kernel axis (or a piece of it), several for kernel axes merged by a reshape.
-Unit = tuple[int, int]
-
-
-class View(NamedTuple):
-    """A traced value that is (a rearrangement of) kernel ``kid``."""
-
-    kid: int
-    axes: tuple[tuple[Unit, ...], ...]
-    fixed: tuple[tuple[int, str], ...] = ()  # letters read on the way: ("b" for a scanned or indexed-away axis)
-
+from lora_jax.targets._views import View, reshaped, resized
 
 Views = frozenset  # frozenset[View]: one value may hold several kernels (a concatenation)
 #: marks a value computed from ``fn``'s arguments (an activation): a kernel added to one (a bias) is no longer a kernel
@@ -93,49 +80,6 @@ class _Trace:
 
     def lose(self, view: View, why: str) -> None:
         self.lost.setdefault(view.kid, []).append(why)
-
-
-def _resized(view: View, shape: tuple[int, ...]) -> View | None:
-    """The view with axis sizes ``shape`` (after a slice or pad); None if a merged axis changed size."""
-    axes = []
-    for units, size in zip(view.axes, shape, strict=True):
-        if len(units) > 1 and math.prod(s for _, s in units) != size:
-            return None
-        axes.append(((units[0][0], size),) if len(units) == 1 else units)
-    return view._replace(axes=tuple(axes))
-
-
-def _reshaped(view: View, old: tuple[int, ...], new: tuple[int, ...]) -> View | None:
-    """The view after ``reshape(old -> new)``; None when which kernel axes land where is ambiguous."""
-    units: list[list] = []  # [kernel axis or None, size]
-    for axis, size in zip(view.axes, old, strict=True):
-        if not axis:
-            units.append([None, size])
-        elif len(axis) == 1:
-            units.append([axis[0][0], size])
-        else:
-            units += [[k, s] for k, s in axis]
-    axes: list[tuple[Unit, ...]] = []
-    for size in new:
-        got: list[Unit] = []
-        prod = 1
-        while units and (prod < size or units[0][1] == 1):
-            k, u = units[0]
-            if size % (prod * u) == 0:
-                units.pop(0)
-                prod *= u
-                got.append((k, u))
-            elif u % (size // prod) == 0 and size % prod == 0:  # split a kernel axis into pieces
-                piece = size // prod
-                units[0][1] = u // piece
-                prod *= piece
-                got.append((k, piece))
-            else:
-                return None
-        if prod != size:
-            return None
-        axes.append(tuple((k, s) for k, s in got if k is not None))
-    return view._replace(axes=tuple(axes)) if not units else None
 
 
 def _where(stack: tuple[str, ...], prim: str) -> str:
@@ -218,7 +162,7 @@ def _eqn(trace: _Trace, eqn: Any, vals: list[Views], stack: tuple[str, ...]) -> 
         for shape in outs:
             got = []
             for v in _union([ins[i] for i in carriers]):
-                r = _resized(v, shape)
+                r = resized(v, shape)
                 if r is None:
                     trace.lose(v, f"{where} (slices axes that a reshape merged)")
                 else:
@@ -241,7 +185,7 @@ def _moved(trace: _Trace, name: str, params: dict, ins: Views, old: tuple, new: 
     if name == "reshape" and params.get("dimensions") is None:
         out = []
         for v in ins:
-            r = _reshaped(v, old, new)
+            r = reshaped(v, old, new)
             if r is None:
                 trace.lose(v, f"{where} {old} -> {new} (which kernel axes land where is ambiguous)")
             else:

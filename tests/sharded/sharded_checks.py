@@ -184,7 +184,7 @@ def sharded_setup(mesh: jax.sharding.Mesh, params: Any, spec: lora_jax.LoraSpec)
 
 def assert_no_full_copy(params_sh: Any, spec: lora_jax.LoraSpec) -> None:
     """The compiled per-device init program never forms a sharded adapter at its full shape, and moves no data."""
-    from lora_jax.parallel import _sharding
+    from lora_jax.parallel import _init as _sharding
 
     fn, values = _sharding._sharded_init(params_sh, spec, shardings=None, mesh=None)
     key = jax.random.key(2)
