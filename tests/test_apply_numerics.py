@@ -21,7 +21,7 @@ from _small_models import random_like
 from flax import nnx
 
 import lora_jax
-from lora_jax import LoraSpec, adapter_items, apply_lora, init_lora, merge
+from lora_jax import LoraSpec, LoraWeights, adapter_items, apply_lora, init_lora, merge
 
 pytestmark = pytest.mark.usefixtures("strict_promotion")
 
@@ -185,3 +185,12 @@ def test_apply_does_not_modify_its_inputs():
     merge(params, lora)
     after = jax.tree.map(np.array, (params, lora))
     jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_a_negated_adapter_subtracts_its_delta():
+    # task arithmetic and weighted combinations give negative scales: W - s·A·B
+    rng = np.random.default_rng(3)
+    w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((5, 4), (5, 2), (2, 4)))
+    lora = {"k": LoraWeights(a=a, b=b, scale=-1.5)}
+    got = np.asarray(apply_lora({"k": w}, lora)["k"], np.float64)
+    np.testing.assert_allclose(got, apply_np(w, a, b, -1.5, "io"), atol=1e-6)

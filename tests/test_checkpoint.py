@@ -411,3 +411,25 @@ def test_save_adapter_writes_with_the_process_umask(tmp_path):
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o750
     assert os.stat(path / "adapter_meta" / "metadata").st_mode & 0o777 == 0o640
+
+
+def _edit_meta(path, edit):
+    meta_file = pathlib.Path(path) / "adapter_meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_a_record_edit_is_caught_even_when_the_version_is_edited_down_too(tmp_path):
+    path = lora_jax.save_adapter(tmp_path / "a", lora_of(), SPEC)
+
+    def down_and_scaled(meta):
+        meta["version"] = 2
+        meta["adapters"]["attn/query/kernel"]["meta"]["scale"] = 400.0
+
+    _edit_meta(path, down_and_scaled)
+    with pytest.raises(ValueError, match=r"adapter_meta/metadata: expected the record"):
+        lora_jax.load_adapter(path)
+    _edit_meta(path, lambda meta: meta.pop("checksums"))  # a format-2 record: no checksums, checked against the spec
+    with pytest.raises(ValueError, match=r"format-2 checkpoint has no record checksums, and its nodes disagree with"):
+        lora_jax.load_adapter(path)

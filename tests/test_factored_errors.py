@@ -305,3 +305,26 @@ def test_a_materialize_entry_matching_no_adapted_path_raises_at_the_first_call()
 def test_an_invalid_materialize_regex_raises_at_the_wrapper():
     with pytest.raises(ValueError, match=r"materialize=\.\.\.\)\[0\]: expected a valid regex, found 'dense/\['"):
         factored(lambda prm, x: x, materialize="dense/[")
+
+
+def test_a_reference_model_built_from_the_same_base_params_is_not_a_closure_error():
+    # DPO / KL-to-base losses: fn reads its weights from its argument and also runs the frozen base it closes over
+    def apply(p, x):
+        return x @ p["dense"]["kernel"] + p["dense"]["bias"]
+
+    def kl_like(p, x):
+        return jnp.sum((apply(p, x) - jax.lax.stop_gradient(apply(PARAMS, x))) ** 2)
+
+    want = jax.value_and_grad(lambda lo: kl_like(lora_jax.apply_lora(PARAMS, lo), X))(LORA)
+    for call in (lambda lo: factored(kl_like)(PARAMS, lo, X), jax.jit(lambda lo: factored(kl_like)(PARAMS, lo, X))):
+        value, grads = jax.value_and_grad(call)(LORA)
+        np.testing.assert_allclose(value, want[0], rtol=1e-5)
+        np.testing.assert_allclose(grads["dense"]["kernel"].b, want[1]["dense"]["kernel"].b, rtol=1e-4, atol=1e-6)
+    assert factored(kl_like)(PARAMS, LORA, X) == pytest.approx(float(want[0]), rel=1e-5)  # eager
+
+
+def test_explain_reports_a_function_that_reads_no_adapted_kernel_instead_of_raising():
+    head_only = lambda prm, x: x.sum() + prm["dense"]["bias"].sum()  # noqa: E731
+    assert factored(head_only).explain(PARAMS, LORA, X) == {"dense/kernel": ()}
+    with pytest.raises(ValueError, match=r"fn uses none of the adapted kernels \(dense/kernel\)"):
+        factored(head_only)(PARAMS, LORA, X)

@@ -432,3 +432,14 @@ def test_a_bfloat16_peft_file_imports(params, trained, tmp_path):
             assert got.a.dtype == got.b.dtype == jnp.bfloat16, p
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(node), strict=True):
             np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=p)
+
+
+def test_export_with_a_callable_target_and_over_a_peft_directory_with_its_readme(tmp_path):
+    params = {"hidden": {"kernel": jnp.ones((4, 3))}, "out": {"kernel": jnp.ones((3, 2))}}
+    spec = lora_jax.LoraSpec(rank=2, targets=lambda p, leaf: isinstance(leaf, jax.Array) and "hidden" in p)
+    lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+    path = lora_jax.export_peft(tmp_path / "peft", lora, spec)  # the spec check does not re-run the callable
+    (path / "README.md").write_text("written by PEFT's save_pretrained")
+    lora_jax.export_peft(tmp_path / "peft", lora, spec, overwrite=True)  # PEFT's own files may be replaced
+    with pytest.raises(ValueError, match=r"export_peft\(spec=\.\.\.\) at hidden/kernel: expected the adapter's rank 2"):
+        lora_jax.export_peft(tmp_path / "peft2", lora, spec.replace(rank=3))

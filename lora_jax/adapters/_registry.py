@@ -254,7 +254,10 @@ def _is_real(x: Any) -> bool:
 
 
 def _check_statics(low: LowRank, where: str, name: str) -> None:
-    """The static fields of a lowered form: a layout of the letters b/i/o, a finite scale >= 0, a kind, a rate."""
+    """The static fields of a lowered form: a layout of the letters b/i/o, a finite scale, a kind, a rate.
+
+    A negative scale is allowed: a negated adapter (task arithmetic, a weighted combination) has one.
+    """
     layout = low.layout
     if (
         not isinstance(layout, str)
@@ -271,9 +274,9 @@ def _check_statics(low: LowRank, where: str, name: str) -> None:
                 "E.g. 'io' for a Dense kernel, 'ioo' for a (d_model, heads, head_dim) projection",
             )
         )
-    if not isinstance(low.scale, jax.core.Tracer) and (not _is_real(low.scale) or float(low.scale) < 0):
+    if not isinstance(low.scale, jax.core.Tracer) and not _is_real(low.scale):
         raise ValueError(
-            expected(f"{where}: {name}(scale=...)", "a finite number >= 0", low.scale, "LoRA's scale is alpha / rank")
+            expected(f"{where}: {name}(scale=...)", "a finite number", low.scale, "LoRA's scale is alpha / rank")
         )
     if low.kind not in ("linear", "embed"):
         raise ValueError(expected(f"{where}: {name}(kind=...)", "'linear' or 'embed'", low.kind))

@@ -135,7 +135,9 @@ def _is_jaxpr(x: Any) -> bool:
     return isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr))
 
 
-def check_reads(jaxpr: Any, consts: list[Any], adapted: Mapping[int, str], originals: Mapping[int, str]) -> None:
+def check_reads(
+    jaxpr: Any, consts: list[Any], adapted: Mapping[int, str], originals: Mapping[int, str], *, some: bool = True
+) -> None:
     """Refuse a ``fn`` that does not read its adapted kernels from its first argument.
 
     Args:
@@ -143,8 +145,14 @@ def check_reads(jaxpr: Any, consts: list[Any], adapted: Mapping[int, str], origi
       consts: the jaxpr's constants.
       adapted: the input position of every adapted leaf, with its path.
       originals: ``id`` of every concrete adapted params leaf, with its path (empty under a transformation).
+      some: also refuse a ``fn`` that reads none of the adapted kernels (``explain`` reports that instead).
     """
-    closed = sorted({originals[id(c)] for c in _all_consts(jaxpr, consts) if id(c) in originals})
+    read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jcore.Literal)}
+    read |= {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    unread = {p for i, p in adapted.items() if jaxpr.invars[i] not in read}
+    # a closed-over kernel is an error only where fn does not also read it from its argument: a reference model
+    # built from the same base params (DPO, KL to the base, distillation) reads both, and is fine
+    closed = sorted({originals[id(c)] for c in _all_consts(jaxpr, consts) if id(c) in originals} & unread)
     if closed:
         shown = ", ".join(closed[:3]) + (", ..." if len(closed) > 3 else "")
         raise ValueError(
@@ -157,10 +165,8 @@ def check_reads(jaxpr: Any, consts: list[Any], adapted: Mapping[int, str], origi
                 found_is_text=True,
             )
         )
-    if not adapted:
+    if not adapted or not some:
         return
-    read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jcore.Literal)}
-    read |= {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
     if not any(jaxpr.invars[i] in read for i in adapted):
         paths = list(adapted.values())
         shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -176,7 +182,7 @@ def check_reads(jaxpr: Any, consts: list[Any], adapted: Mapping[int, str], origi
         )
 
 
-def check_fn_reads(jaxpr: Any, consts: list[Any], params: Any, lora: Any) -> None:
+def check_fn_reads(jaxpr: Any, consts: list[Any], params: Any, lora: Any, *, some: bool = True) -> None:
     """:func:`check_reads` for ``fn`` traced with the leaves of ``params`` as its first inputs."""
     items = lowered_items(lora)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -187,4 +193,4 @@ def check_fn_reads(jaxpr: Any, consts: list[Any], params: Any, lora: Any) -> Non
         for (_, leaf), p in zip(flat, paths, strict=True)
         if p in items and not isinstance(leaf, jax.core.Tracer)
     }
-    check_reads(jaxpr, consts, adapted, originals)
+    check_reads(jaxpr, consts, adapted, originals, some=some)

@@ -23,7 +23,7 @@ from lora_jax.adapters._tree import adapter_items, items_of
 from lora_jax.errors._messages import expected
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import nest
-from lora_jax.targets._select import pattern_matches, resolve
+from lora_jax.targets._select import _first, pattern_matches, resolve
 
 _HINT = "pass the LoraSpec the adapter was made with (init_lora's, or the one load_adapter/import_peft returned)"
 
@@ -77,6 +77,11 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.kernel_shape), "float32")
         else:
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.value.shape), node.value.dtype)
+    if any(callable(sel) for sel in (spec.targets, spec.exclude, spec.trainable)):
+        # a callable selector may test the real leaves (their type, dtype), which are not here: compare what the
+        # spec gives each node by its path, without re-running the selection
+        _check_by_path(items, spec, where)
+        return
     # layouts given for kernels the adapter does not hold (infer_axes gives one for every kernel) are not its business
     axes = tuple((k, v) for k, v in spec.axes if any(k == p or pattern_matches(k, p) for p in abstract))
     try:
@@ -146,3 +151,31 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
                     found_is_text=True,
                 )
             )
+
+
+def _check_by_path(items: dict[str, Any], spec: LoraSpec, where: str) -> None:
+    """Rank, scale, dropout and frozen of each LoRA node against the spec's patterns for its path."""
+    frozen = ("a",) if spec.freeze_a else ()
+    for p, node in items.items():
+        if type(node) is not LoraWeights:
+            continue
+        rank = _first(spec.rank_pattern, p, spec.rank)
+        alpha = _first(spec.alpha_pattern, p, spec.alpha)
+        checks = [
+            ("rank", node.rank, rank, "rank/rank_pattern"),
+            ("scale", node.scale, spec.scale_for(rank, alpha), "alpha/alpha_pattern/rslora"),
+            ("dropout", node.dropout, spec.dropout, "dropout"),
+            ("frozen", tuple(node.frozen), frozen, "freeze_a"),
+        ]
+        for name, have, want, field in checks:
+            same = math.isclose(have, want, rel_tol=1e-9) if name in ("scale", "dropout") else have == want
+            if not same:
+                raise ValueError(
+                    expected(
+                        f"{where} at {p}",
+                        f"the adapter's {name} {have!r}",
+                        f"{want!r} from LoraSpec({field}=...)",
+                        _HINT,
+                        found_is_text=True,
+                    )
+                )

@@ -14,6 +14,7 @@ from lora_jax.adapters._registry import SHARED
 from lora_jax.adapters._tree import adapter_items
 from lora_jax.errors._messages import expected
 from lora_jax.io._codec import abstract_tree, decode, kernel_shapes, upgrade_v1
+from lora_jax.io._describes import check_spec_describes
 from lora_jax.io._files import (
     as_path,
     check_directory,
@@ -43,14 +44,15 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
         raise ValueError(f"{path}: the adapter metadata is corrupt or truncated ({e}); restore another step.") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("adapters"), dict):
         raise ValueError(f"{path}: {META}/metadata is not a {FORMAT} record; the checkpoint is corrupt or foreign.")
-    if meta.get("version") == VERSION:
+    if meta.get("version") == VERSION or "checksums" in meta:  # checksums are checked whatever version is claimed
         verify_record(f"{path / META / 'metadata'}", meta, VERSION)
-    elif meta.get("version") == 2:  # written before the record checksums: nothing covers the record
-        meta = {**meta, "version": VERSION}
+    elif meta.get("version") == 2:  # written before the record checksums: load_adapter checks it against its spec
+        meta = {**meta, "version": VERSION, "upgraded_from": 2}
     elif meta.get("version") == 1:  # lora_jax 0.1: the same arrays, node metadata at the top of each entry
         meta = {
             **meta,
             "version": VERSION,
+            "upgraded_from": 1,
             "adapters": {p: upgrade_v1(e, meta.get("spec", {})) for p, e in meta["adapters"].items()},
         }
     if meta.get("version") != VERSION:
@@ -223,6 +225,15 @@ def load_adapter(
     shared = {k.partition("/")[2]: x for k, x in flat.items() if k.startswith(f"{SHARED}/")}
     if shared:
         tree[SHARED] = nest(shared)  # as saved: a nested shared section comes back nested
+    if meta.get("upgraded_from"):  # no record checksums: the nodes must at least agree with the saved spec
+        try:
+            check_spec_describes(tree, saved_spec, "load_adapter")
+        except ValueError as e:
+            raise ValueError(
+                f"{path}: this format-{meta['upgraded_from']} checkpoint has no record checksums, and its nodes "
+                f"disagree with its saved spec, so its metadata was edited or written wrongly: {e} Restore an earlier "
+                f"checkpoint, or rebuild the adapter and save it again."
+            ) from None
     return tree, saved_spec
 
 

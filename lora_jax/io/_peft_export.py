@@ -260,7 +260,9 @@ def export_peft(
     if exists and not overwrite:
         raise FileExistsError(f"{path} already exists; pass export_peft(..., overwrite=True) to replace it.")
     if exists:
-        check_replaceable(path, frozenset({CONFIG, WEIGHTS}), "export_peft(path=..., overwrite=True)", "a PEFT adapter")
+        # PEFT's save_pretrained also writes a README.md; older PEFT wrote adapter_model.bin
+        peft_files = frozenset({CONFIG, WEIGHTS, "README.md", "adapter_model.bin"})
+        check_replaceable(path, peft_files, "export_peft(path=..., overwrite=True)", "a PEFT adapter")
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}
     ranks: dict[str, int] = {}

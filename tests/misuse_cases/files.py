@@ -388,10 +388,10 @@ CASES = [
         r"found \S*ckpt holding _CHECKPOINT_METADATA, adapter",
     ),
     (
-        "export_peft_overwrite_over_a_directory_with_a_readme",
-        lambda: lora_jax.export_peft(_mkdir_with("out", CONFIG, WEIGHTS, "README.md"), _lora(), SPEC, overwrite=True),
+        "export_peft_overwrite_over_a_directory_with_other_files",
+        lambda: lora_jax.export_peft(_mkdir_with("out", CONFIG, WEIGHTS, "train.log"), _lora(), SPEC, overwrite=True),
         FileExistsError,
-        r"expected an empty directory or a PEFT adapter.*found \S*out holding README\.md",
+        r"expected an empty directory or a PEFT adapter.*found \S*out holding train\.log",
     ),
     (
         "export_peft_spec_with_rslora",
