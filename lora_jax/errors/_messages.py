@@ -8,6 +8,7 @@ sharding placeholders), and raises with :func:`expected`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -16,6 +17,10 @@ def describe(value: Any) -> str:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is not None and dtype is not None:
         return f"{type(value).__name__} of shape {tuple(shape)} and dtype {dtype}"
+    if isinstance(value, Mapping) and len(repr(value)) > 60:  # a big tree: its keys, not every array's repr
+        keys = list(value)
+        shown = ", ".join(repr(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+        return f"{type(value).__name__} with keys {shown}" if keys else f"empty {type(value).__name__}"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 

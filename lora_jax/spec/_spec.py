@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -25,10 +26,26 @@ _EXAMPLE_OF = {"rank_pattern": "4", "alpha_pattern": "16.0", "axes": "'ioo'"}
 _INIT_ALIASES = {"default": "kaiming", "kaiming_uniform": "kaiming"}
 
 
+def _check_regex(where: str, pattern: str) -> None:
+    """A selector or pattern key is matched as a regex too: an invalid one is refused here, where it enters."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            expected(where, "a valid regular expression", pattern, f"{e}; escape literal characters with re.escape")
+        ) from None
+
+
 def _freeze_selector(name: str, value: Any) -> Any:
-    if value is None or callable(value) or isinstance(value, str):
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        if not (name == "targets" and value == "all-linear"):
+            _check_regex(f"LoraSpec({name}=...)", value)
         return value
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        for entry in value:
+            _check_regex(f"LoraSpec({name}=[..., {entry!r}, ...])", entry)
         return tuple(value)
     raise TypeError(
         f"LoraSpec({name}=...) must be a regex string, a list of key names, a callable "
@@ -59,6 +76,7 @@ def _freeze_mapping(name: str, value: Any, check: Callable[[str, Any], None]) ->
     for key, v in items:
         if not isinstance(key, str):
             raise TypeError(f"LoraSpec({name}=...): keys must be pattern strings; found {key!r}.")
+        _check_regex(f"LoraSpec({name}={{{key!r}: ...}})", key)
         check(key, v)
     return items
 

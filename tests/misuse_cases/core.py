@@ -240,6 +240,18 @@ CASES = [
     # --- infer_axes ---------------------------------------------------------------------------------------------
     ("infer_axes_fn_and_params_swapped", lambda: lj.infer_axes(_params(), lambda p, x: x), TypeError,
      r"infer_axes\(fn=\.\.\.\): expected a callable fn\(params, \*args\), found dict"),
+    # --- regexes are refused where they enter ---------------------------------------------------------------------
+    ("spec_targets_bad_regex", lambda: lj.LoraSpec(targets="enc/["), ValueError,
+     r"LoraSpec\(targets=\.\.\.\): expected a valid regular expression, found str 'enc/\['.*re\.escape"),
+    ("spec_exclude_list_bad_regex", lambda: lj.LoraSpec(exclude=["ok", "b("]), ValueError,
+     r"LoraSpec\(exclude=\[\.\.\., 'b\(', \.\.\.\]\): expected a valid regular expression, found str 'b\('"),
+    ("spec_rank_pattern_bad_regex_key", lambda: lj.LoraSpec(rank_pattern={"a[": 2}), ValueError,
+     r"LoraSpec\(rank_pattern=\{'a\[': \.\.\.\}\): expected a valid regular expression, found str 'a\['"),
+    ("spec_axes_bad_regex_key", lambda: lj.LoraSpec(axes={"(x": "io"}), ValueError,
+     r"LoraSpec\(axes=\{'\(x': \.\.\.\}\): expected a valid regular expression, found str '\(x'"),
+    ("init_lora_params_as_key_shows_keys_not_arrays",
+     lambda: lj.init_lora({"a": {"k": jnp.ones((2, 2))}}, jax.random.key(0), lj.LoraSpec()), TypeError,
+     r"init_lora\(key=\.\.\.\): expected a JAX PRNG key, found dict with keys 'a'\."),
     # --- pure partition-spec helpers ------------------------------------------------------------------------------
     ("adapter_partition_specs_too_many_entries",
      lambda: lj.adapter_partition_specs(PartitionSpec(None, "model", None), "io", path="dense/kernel"), ValueError,
