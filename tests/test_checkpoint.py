@@ -128,7 +128,13 @@ def _data_files(path: os.PathLike) -> list[pathlib.Path]:
 
 # orbax closes its event loop at the first failed read; tensorstore callbacks still pending would then print
 # "Exception ignored ... Event loop is closed" later. load_adapter drains them: none may land here (a warning
-# is an error in the tests, unraisable-exception warnings included).
+# is an error in the tests, unraisable-exception warnings included). One orbax coroutine that its failed restore
+# never awaits (Store._get_array_metadatas) is garbage-collected at a time nothing controls (seen once in a CI run);
+# that one warning, and only it, is let through.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object Store._get_array_metadatas:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings("ignore:coroutine 'Store._get_array_metadatas' was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_or_truncated_checkpoint_gives_a_clear_error(tmp_path, damage):
     path = lora_jax.save_adapter(tmp_path / "ckpt", lora_of(), SPEC)
