@@ -61,7 +61,7 @@ from lora_jax.io._peft_names import (
     export_pattern_key,
     module_name,
 )
-from lora_jax.spec._spec import LoraSpec
+from lora_jax.spec._spec import LoraSpec, changes_base
 from lora_jax.targets import _layout
 from lora_jax.targets._select import _first, selector_matches
 
@@ -209,7 +209,10 @@ def export_peft(
     ``path_initial_model_for_weight_conversion``, a plain LoRA of rank 2r
     (``A' = [A, A0]``, ``B' = [B; -B0]``, so ``s·A'B' = s·(AB - A0B0)``) with
     ``r`` doubled and ``lora_alpha`` doubled (times ``sqrt(2)`` with rsLoRA),
-    as PEFT writes it.
+    as PEFT writes it. Without ``initial=`` such an adapter is written as
+    PEFT's own ``save_pretrained`` writes it, with ``init_lora_weights``
+    ``"pissa"``/``"olora"``: PEFT redoes the decomposition of the base it is
+    loaded on (:func:`lora_jax.import_peft` refuses such files).
 
     Args:
       path: directory to create (holds ``adapter_config.json`` and
@@ -358,7 +361,8 @@ def export_peft(
         "bias": "none",
         "fan_in_fan_out": bool(fan_in_fan_out),
         "modules_to_save": saved_modules or None,
-        "init_lora_weights": True,
+        # a PiSSA/OLoRA adapter without initial= is for the residual base: PEFT redoes the init on loading
+        "init_lora_weights": spec.init if changes_base(spec.init) and not first else True,
         "use_dora": False,
         "inference_mode": True,
         "layers_to_transform": None,
