@@ -8,6 +8,7 @@
 """
 
 from lora_jax.adapters._init import init_lora as init_lora
+from lora_jax.adapters._init_base import init_lora_and_base as init_lora_and_base
 from lora_jax.adapters._lowered import LowRank as LowRank
 from lora_jax.adapters._lowered import Replace as Replace
 from lora_jax.adapters._nodes import LoraWeights as LoraWeights

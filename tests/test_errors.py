@@ -28,9 +28,9 @@ def dense_params():
 def test_unknown_init_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match=r"LoraSpec\(init='pissa'\) is not a known initialization; expected one of 'kaiming', 'gaussian'",
+        match=r"LoraSpec\(init='lora_ga'\) is not a known initialization; expected one of 'kaiming', 'gaussian'",
     ):
-        LoraSpec(init="pissa")
+        LoraSpec(init="lora_ga")
 
 
 @pytest.mark.parametrize("layout", ["ixo", "", "IO", "i o"])

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.adapters._svd_init import orthogonal_factors
 from lora_jax.errors._checks import check_key, check_params, check_spec
-from lora_jax.spec._spec import LoraSpec
+from lora_jax.errors._messages import expected
+from lora_jax.spec._spec import LoraSpec, changes_base
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import flatten_with_paths, nest
 from lora_jax.targets._select import Target, resolve
@@ -49,6 +51,8 @@ def _init_one(key: jax.Array, t: Target, spec: LoraSpec) -> LoraWeights:
     if t.kind == "embed" and spec.init != "random":
         a = jnp.zeros(a_shape, dtype)
         b = jax.random.normal(kb, b_shape, dtype)
+    elif spec.init == "orthogonal":
+        a, b = orthogonal_factors(leaf_key(key, t.path), t.layout, t.shape, t.rank, dtype)
     else:
         if spec.init == "gaussian":
             a = jax.random.normal(ka, a_shape, dtype) / t.rank
@@ -83,6 +87,20 @@ def _carries_shardings(params: Any) -> bool:
         if placed and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
             return True
     return False
+
+
+def refuse_base_init(fn: str, spec: LoraSpec) -> None:
+    """Raise ``ValueError`` for an init that changes the base (PiSSA, OLoRA): ``fn`` cannot return the new base."""
+    if isinstance(spec, LoraSpec) and changes_base(spec.init):
+        raise ValueError(
+            expected(
+                f"{fn}(spec=...)",
+                "an init that leaves the base unchanged ('kaiming', 'gaussian', 'random', 'orthogonal')",
+                f"init={spec.init!r}, which moves the top of each kernel into the adapter, so the base must change",
+                "call lora_jax.init_lora_and_base(key, params, spec), which returns (residual_params, lora)",
+                found_is_text=True,
+            )
+        )
 
 
 def init_unsharded(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
@@ -122,6 +140,8 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
         say).
       ValueError / TypeError: on a bad spec for these params (see
         :class:`LoraSpec`); the message names the parameter path.
+      ValueError: for ``init="pissa"``, ``"pissa_niter_N"`` or ``"olora"``,
+        which change the base: use :func:`lora_jax.init_lora_and_base`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -134,6 +154,7 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
     check_key("init_lora", key, order=order)
     check_params("init_lora", params, order=order)
     check_spec("init_lora", spec, order=order)
+    refuse_base_init("init_lora", spec)
     if _carries_shardings(params):
         from lora_jax.parallel._init import init_lora_sharded  # imports this module: a deferred import
 

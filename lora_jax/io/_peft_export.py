@@ -47,6 +47,7 @@ from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._tree import adapter_items, lowered_items
 from lora_jax.io._describes import check_adapter_args, check_spec_describes
 from lora_jax.io._files import NEW, OLD, as_path, check_replaceable, replace_dir, returned, sibling, sync_processes
+from lora_jax.io._peft_convert import concatenated, doubled_config, initial_nodes
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -60,7 +61,7 @@ from lora_jax.io._peft_names import (
     export_pattern_key,
     module_name,
 )
-from lora_jax.spec._spec import LoraSpec
+from lora_jax.spec._spec import LoraSpec, changes_base
 from lora_jax.targets import _layout
 from lora_jax.targets._select import _first, selector_matches
 
@@ -177,6 +178,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     overwrite: bool = False,
+    initial: Any = None,
 ) -> pathlib.Path | epath.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
 
@@ -201,6 +203,17 @@ def export_peft(
     as plain LoRA (A trains). To resume LoRA-FA training, keep the orbax
     checkpoint (:func:`lora_jax.save_adapter` records ``frozen``).
 
+    An adapter trained on a residual base (``init="pissa"``/``"olora"``, from
+    :func:`lora_jax.init_lora_and_base`) is exported for the ORIGINAL base
+    with ``initial=`` its initial adapter: PEFT's
+    ``path_initial_model_for_weight_conversion``, a plain LoRA of rank 2r
+    (``A' = [A, A0]``, ``B' = [B; -B0]``, so ``s·A'B' = s·(AB - A0B0)``) with
+    ``r`` doubled and ``lora_alpha`` doubled (times ``sqrt(2)`` with rsLoRA),
+    as PEFT writes it. Without ``initial=`` such an adapter is written as
+    PEFT's own ``save_pretrained`` writes it, with ``init_lora_weights``
+    ``"pissa"``/``"olora"``: PEFT redoes the decomposition of the base it is
+    loaded on (:func:`lora_jax.import_peft` refuses such files).
+
     Args:
       path: directory to create (holds ``adapter_config.json`` and
         ``adapter_model.safetensors``): a local path or a URI such as
@@ -223,6 +236,9 @@ def export_peft(
         or one whose top level holds only ``adapter_config.json`` and
         ``adapter_model.safetensors``; never a regular file or a directory
         holding anything else.
+      initial: the adapter training started from (``init_lora_and_base``'s),
+        to write the converted rank-2r LoRA for the original base; None
+        writes ``lora`` as it is.
 
     Returns:
       The path written: an absolute ``pathlib.Path`` when local, an
@@ -234,7 +250,9 @@ def export_peft(
         has no torch equivalent, or a kernel trained in full is exported with
         ``fan_in_fan_out=True`` (which weight layout its torch module has is unknown),
         or ``spec`` does not describe the adapter (another rank, alpha, rslora,
-        dropout, freeze_a, layout, or targets that select other paths).
+        dropout, freeze_a, layout, or targets that select other paths), or
+        ``initial`` has LoRA nodes at other paths or with other shapes,
+        layouts or scales than ``lora`` (the message names the path).
       FileExistsError: if ``path`` exists and ``overwrite`` is False, or is a
         file or a directory holding other files.
 
@@ -255,6 +273,7 @@ def export_peft(
     path = as_path(path, "export_peft(path=...)")
     check_adapter_args(lora, spec, "export_peft")
     _check_conv(conv)
+    first = {} if initial is None else initial_nodes(lora, initial)
     exists = path.exists()
     sync_processes(f"lora_jax.export_peft.check:{path}")  # every process checks before process 0 may write
     if exists and not overwrite:
@@ -302,37 +321,48 @@ def export_peft(
         layout = node.layout
         nb = layout.count("b")
         a, b = (_host_float(x, f"export_peft(lora=...) at {p}/{f}") for f, x in (("a", node.a), ("b", node.b)))
+        if first:  # PEFT's conversion for the original base: rank 2r, the same scale
+            a0, b0 = (
+                _host_float(x, f"export_peft(initial=...) at {p}/{f}")
+                for f, x in (("a", first[p].a), ("b", first[p].b))
+            )
+            a, b = concatenated(a, b, a0, b0, nb)
+        rank = a.shape[-1]
         names = expand(module_name(name_map, p), p, layout, a.shape[:nb])
         is_conv = _is_conv(conv, p, layout)
         # alpha from the static scale; 12 significant digits undo float rounding (7/sqrt(2)*sqrt(2) -> 7)
-        alpha = float(f"{node.scale * (math.sqrt(node.rank) if spec.rslora else node.rank):.12g}")
+        alpha = float(f"{node.scale * (math.sqrt(rank) if spec.rslora else rank):.12g}")
         for idx, name in names.items():
             claim(name, p)
             la, lb = _lora_tensors(a[idx], b[idx], layout.replace("b", ""), is_conv)
             ka, kb = (EMBED_A, EMBED_B) if node.kind == "embed" else (LORA_A, LORA_B)
             tensors[f"{PREFIX}{name}.{ka}"], tensors[f"{PREFIX}{name}.{kb}"] = la, lb
-            ranks[name], alphas[name] = node.rank, alpha
+            ranks[name], alphas[name] = rank, alpha
     check_spec_describes(lora, spec, "export_peft")  # r, lora_alpha and use_rslora are written from the spec
     targets = sorted(ranks)
+    r_config, alpha_config = (
+        (spec.rank, spec.alpha) if not first else doubled_config(spec.rank, spec.alpha, rslora=spec.rslora)
+    )
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": spec.rank,
-        "lora_alpha": _number(spec.alpha),
+        "r": r_config,
+        "lora_alpha": _number(alpha_config),
         "target_modules": targets,
         "use_rslora": spec.rslora,
-        "rank_pattern": {export_pattern_key(m, targets): r for m, r in ranks.items() if r != spec.rank},
+        "rank_pattern": {export_pattern_key(m, targets): r for m, r in ranks.items() if r != r_config},
         "alpha_pattern": {
             export_pattern_key(m, targets): _number(a)
             for m, a in alphas.items()
-            if not math.isclose(a, spec.alpha, rel_tol=1e-12)
+            if not math.isclose(a, alpha_config, rel_tol=1e-12)
         },
         "lora_dropout": spec.dropout,
         "bias": "none",
         "fan_in_fan_out": bool(fan_in_fan_out),
         "modules_to_save": saved_modules or None,
-        "init_lora_weights": True,
+        # a PiSSA/OLoRA adapter without initial= is for the residual base: PEFT redoes the init on loading
+        "init_lora_weights": spec.init if changes_base(spec.init) and not first else True,
         "use_dora": False,
         "inference_mode": True,
         "layers_to_transform": None,

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from lora_jax.adapters._init import init_unsharded
+from lora_jax.adapters._init import init_unsharded, refuse_base_init
 from lora_jax.errors._messages import expected
 from lora_jax.parallel._checks import check_key, check_mesh
 from lora_jax.parallel._sharding import _is_sharding_leaf, adapter_shardings
@@ -63,7 +63,8 @@ def init_lora_sharded(
     Raises:
       ValueError: if a sharding cannot be derived (see
         :func:`adapter_shardings`), if ``PartitionSpec``\\ s come without a
-        ``mesh``, or if a leaf trained in full has no value.
+        ``mesh``, or if a leaf trained in full has no value, or for an init that
+        changes the base (``"pissa"``, ``"olora"``: see :func:`lora_jax.init_lora_and_base`).
       TypeError: if ``key`` is not a PRNG key (e.g. the params given first),
         ``mesh`` is not a mesh, or a params leaf is not an array.
 
@@ -80,6 +81,7 @@ def init_lora_sharded(
     """
     check_key("init_lora_sharded", key)
     check_mesh("init_lora_sharded", mesh)
+    refuse_base_init("init_lora_sharded", spec)
     fn, values = _sharded_init(params, spec, shardings=shardings, mesh=mesh)
     try:
         return fn(key, values)

@@ -18,7 +18,10 @@ from lora_jax.targets._layout import LAYOUT_LETTERS
 #: key names (or regexes), or a callable ``(path, leaf) -> bool``.
 Selector = Union[str, Sequence[str], Callable[[str, Any], bool], None]
 
-INITS = ("kaiming", "gaussian", "random")
+INITS = ("kaiming", "gaussian", "random", "pissa", "olora", "orthogonal")
+#: The inits that change the base weights (``"pissa_niter_N"`` too): made by :func:`lora_jax.init_lora_and_base`.
+BASE_INITS = ("pissa", "olora")
+_NITER = re.compile(r"pissa_niter_([0-9]+)")
 #: The adapter dtypes: those every backend computes in and a PEFT file can hold (float8 cannot be read back).
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 _MAPPING_OF = {"rank_pattern": "{pattern: rank}", "alpha_pattern": "{pattern: alpha}", "axes": "{pattern: layout}"}
@@ -94,6 +97,25 @@ def _is_real(v: Any) -> bool:
     )
 
 
+def pissa_niter(init: str) -> int | None:
+    """The subspace iterations of ``"pissa_niter_N"`` (randomized SVD), or None for any other init.
+
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa")
+    (4, None)
+    """
+    m = _NITER.fullmatch(init)
+    return int(m.group(1)) if m else None
+
+
+def changes_base(init: str) -> bool:
+    """Whether ``init`` moves part of the base kernel into the adapter (PiSSA, OLoRA).
+
+    >>> changes_base("pissa_niter_2"), changes_base("olora"), changes_base("orthogonal")
+    (True, True, False)
+    """
+    return init in BASE_INITS or pissa_niter(init) is not None
+
+
 def lora_scale(rank: int, alpha: float, *, rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilized LoRA.
 
@@ -124,8 +146,16 @@ class LoraSpec:
       rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
       init: ``"kaiming"`` (PEFT's default: A kaiming-uniform with a=sqrt(5),
         B = 0; alias ``"default"``), ``"gaussian"`` (A ~ N(0, (1/r)^2),
-        B = 0), or ``"random"`` (A and B both random: not a no-op, for tests).
-        Embedding tables always get A = 0, B ~ N(0, 1), as in PEFT.
+        B = 0), ``"random"`` (A and B both random: not a no-op, for tests),
+        ``"orthogonal"`` (PEFT's: A and B from complementary halves of a
+        random orthogonal basis of the rank space, so B·A = 0 up to rounding;
+        the rank must be even), or the inits that change the base, made by
+        :func:`lora_jax.init_lora_and_base`: ``"pissa"`` (A, B from the top-r
+        singular triplets of the kernel, ``scale·A·B`` its rank-r truncation),
+        ``"pissa_niter_N"`` (the same from a randomized SVD with N subspace
+        iterations) and ``"olora"`` (A, B from the kernel's QR decomposition).
+        Embedding tables always get A = 0, B ~ N(0, 1), as in PEFT (which
+        ignores these four inits for embeddings too).
       dtype: dtype of A and B: float16, bfloat16, float32 or float64 (the update is
         computed in float32 regardless).
       axes: per-path kernel layouts ``{pattern: layout}``, required for kernels
@@ -204,12 +234,29 @@ class LoraSpec:
         )
         put("axes", _freeze_mapping("axes", self.axes, check_axes))
         init = _INIT_ALIASES.get(self.init, self.init) if isinstance(self.init, str) else self.init
-        if init not in INITS:
+        if isinstance(init, str) and pissa_niter(init) is not None:
+            init = f"pissa_niter_{pissa_niter(init)}"
+        elif init not in INITS:
             raise ValueError(
                 f"LoraSpec(init={self.init!r}) is not a known initialization; expected one of "
-                f"{', '.join(repr(i) for i in INITS)} (or 'default' for 'kaiming')."
+                f"{', '.join(repr(i) for i in INITS)}, 'pissa_niter_N' (N subspace iterations, e.g. "
+                f"'pissa_niter_4') or 'default' for 'kaiming'."
             )
         put("init", init)
+        if init == "orthogonal":
+            odd = [("rank", self.rank)] * (self.rank % 2) + [
+                (f"rank_pattern={{{k!r}: ...}}", r) for k, r in self.rank_pattern if r % 2
+            ]
+            if odd:
+                where, r = odd[0]
+                raise ValueError(
+                    expected(
+                        f"LoraSpec({where}) with init='orthogonal'",
+                        "an even rank (A and B take complementary halves of an orthogonal basis of the rank space)",
+                        r,
+                        f"E.g. rank={r + 1}",
+                    )
+                )
         allowed = ", ".join(DTYPES)
         try:
             dtype = jnp.dtype(self.dtype)
