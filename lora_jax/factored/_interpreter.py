@@ -58,6 +58,7 @@ from lora_jax.factored import _checks as checks
 from lora_jax.factored import _control as control
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _rules as rules
+from lora_jax.factored import _strategy as strategies
 from lora_jax.factored._eager import Program
 from lora_jax.factored._eager import join_args as _join_args
 from lora_jax.factored._eager import split_args as _split_args
@@ -77,6 +78,7 @@ class _Context:
     on_materialize: Callable[[str, str], None] | None
     key: jax.Array | None
     report: dict[str, list[str]]
+    strategy: str = "factored"
     site: int = 0
 
     def child(self, key: jax.Array | None) -> _Context:
@@ -191,15 +193,19 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
             return [out]
     out = None
     rate = lazy[0].dropout if len(lazy) == 1 else 0.0
+    dense = False
+    if name in ("dot_general", "conv_general_dilated") and len(lazy) == 1:
+        other = next(x for x in invals if x is not lazy[0])
+        dense = strategies.use_dense(ctx.strategy, lazy[0], other, ctx.key is not None and rate > 0)
     if name == "dot_general":
-        out = rules.dot_general(invals, params, ctx.dropout_fn(rate))
+        out = rules.dot_general(invals, params, ctx.dropout_fn(rate), dense=dense)
     elif name == "conv_general_dilated":
-        out = rules.conv_general_dilated(invals, params, ctx.dropout_fn(rate))
+        out = rules.conv_general_dilated(invals, params, ctx.dropout_fn(rate), dense=dense)
     elif name == "gather":
         out = rules.gather(invals, params)
     if out is not None:
         for x in lazy:
-            ctx.record(x.path, name)
+            ctx.record(x.path, f"{name} (dense)" if dense else name)
         return [out]
     where = rules.rounding_note(name, invals[0], params) if isinstance(invals[0], LazyKernel) else None
     if name in _CUSTOM_RULE:
@@ -212,9 +218,11 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
 class Factored:
     """The function returned by :func:`factored`; call it, or ``.explain(...)`` it."""
 
-    def __init__(self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, deterministic: bool):
+    def __init__(
+        self, fn: Callable, materialize: tuple[str, ...], on_materialize: Any, deterministic: bool, strategy: str
+    ):
         self.fn, self.materialize, self.on_materialize = fn, materialize, on_materialize
-        self.deterministic = deterministic
+        self.deterministic, self.strategy = deterministic, strategy
         # eager calls: fn is traced every call, the evaluator compiled once per Program (see _eager)
         self._compiled = jax.jit(self._evaluate, static_argnums=(5, 6))
 
@@ -273,7 +281,9 @@ class Factored:
             # explain reports (as ()), rather than refuses, a function that reads no adapted kernel
             checks.check_fn_reads(program[0], program[1], params, lora, some=check)
         jaxpr, consts, out_tree = program
-        ctx = _Context(self.materialize, self.on_materialize, self._dropout_key(items, dropout_rng), report)
+        ctx = _Context(
+            self.materialize, self.on_materialize, self._dropout_key(items, dropout_rng), report, self.strategy
+        )
         outs = [ctx.settle(x, "output of the function") for x in _eval(jaxpr, consts, [*inputs, *dyn], ctx)]
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
@@ -314,6 +324,7 @@ def factored(
     *,
     materialize: Iterable[str] | str = (),
     on_materialize: Callable[[str, str], None] | None = None,
+    strategy: str = "factored",
     deterministic: bool = False,
 ) -> Factored:
     """Wrap ``fn(params, *args)`` to run with every adapted kernel factored.
@@ -351,6 +362,12 @@ def factored(
         factored; every such use is reported (``on_materialize`` and ``explain``).
       on_materialize: called at trace time as ``on_materialize(path, primitive)``
         for every materialized use.
+      strategy: how each adapted kernel use is computed: ``"factored"`` (the
+        default: ``W + s·A·B`` is never formed), ``"dense"`` (the kernel formed per
+        use, not saved, with a backward that computes only ``dA`` and ``dB``:
+        measured faster on CPU, see ``benchmarks/bench_models.py``; refuses
+        LoRA dropout) or ``"auto"`` (dense where it is allowed). No strategy
+        computes a weight gradient.
       deterministic: evaluate without LoRA dropout. Each adapter records its
         dropout rate (``LoraSpec(dropout=...)``, PEFT's ``lora_dropout``); when
         some rate is above zero, a call must get ``dropout_rng`` (training:
@@ -393,7 +410,8 @@ def factored(
       {'dense/kernel': ('dot_general',)}
     """
     materialize = checks.check_wrapper_args(fn, materialize, on_materialize, deterministic)
-    return Factored(fn, materialize, on_materialize, deterministic)
+    strategies.check_strategy(strategy)
+    return Factored(fn, materialize, on_materialize, deterministic, strategy)
 
 
 __all__ = ["FactoredError", "factored"]

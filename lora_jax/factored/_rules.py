@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax.factored import _lazy as lz
+from lora_jax.factored._dense import dense_use
 from lora_jax.factored._lazy import RANK_LETTER, LazyKernel
 
 Dropout = Callable[[jax.Array], jax.Array]
@@ -184,8 +185,8 @@ def factored_product(
     return y
 
 
-def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> jax.Array | None:
-    """``x·W + s·(x·A)·B`` for ``dot_general`` with the kernel on either side."""
+def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
+    """``x·W + s·(x·A)·B`` for ``dot_general`` with the kernel on either side (``dense``: see ``_dense``)."""
     lhs, rhs = invals
     if isinstance(lhs, LazyKernel) and isinstance(rhs, LazyKernel):
         return None
@@ -206,20 +207,21 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> 
     x_free = [c for i, c in enumerate(xl) if i not in xc and i not in xb]
     k_free = [c for k, c in enumerate(kl) if k not in kc and k not in kb]
     out = "".join(batch + (x_free + k_free if kernel_rhs else k_free + x_free))
+    out_dtype = jax.eval_shape(
+        lambda: lax.dot_general_p.bind(*((x, lk.base()) if kernel_rhs else (lk.base(), x)), **params)
+    ).dtype
+
+    def branch(x_: jax.Array, k: LazyKernel) -> jax.Array:
+        kw = {"precision": params.get("precision"), "preferred_element_type": params.get("preferred_element_type")}
+        return factored_product(x_, "".join(xl), k, "".join(kl), out, **kw).astype(out_dtype)
+
+    if dense:
+        return dense_use(lax.dot_general_p, params, x, lk, not kernel_rhs, branch)
     base = lax.dot_general_p.bind(*((x, lk.base()) if kernel_rhs else (lk.base(), x)), **params)
-    y = factored_product(
-        dropout(x),
-        "".join(xl),
-        lk,
-        "".join(kl),
-        out,
-        precision=params.get("precision"),
-        preferred_element_type=params.get("preferred_element_type"),
-    )
-    return Pending(base, y.astype(base.dtype))
+    return Pending(base, branch(dropout(x), lk))
 
 
-def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dropout) -> jax.Array | None:
+def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
     """A conv of ``x`` with A (``(*window, in) -> r``), then a 1x1 map ``r -> out`` with B."""
     x, lk = invals
     if isinstance(x, LazyKernel) or not isinstance(lk, LazyKernel):
@@ -230,14 +232,21 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
     out_feat = dn.rhs_spec[0]
     if lk.kinds[out_feat] != "b" or any(c != "a" for k, c in enumerate(lk.kinds) if k != out_feat):
         return None
+    out_dtype = jax.eval_shape(lambda: lax.conv_general_dilated_p.bind(x, lk.base(), **params)).dtype
+
+    def branch(x_: jax.Array, k: LazyKernel) -> jax.Array:
+        a_kernel = jnp.moveaxis(k.a.astype(k.dtype), -1, out_feat)
+        t = lax.conv_general_dilated_p.bind(x_, a_kernel, **params)
+        feat = dn.out_spec[1]
+        t = jnp.moveaxis(t, feat, -1)
+        b = (k.b * jnp.asarray(k.scale, k.b.dtype)).astype(t.dtype)
+        y = jnp.moveaxis(jnp.einsum("...z,zo->...o", t, b, precision=params.get("precision")), -1, feat)
+        return y.astype(out_dtype)
+
+    if dense:
+        return dense_use(lax.conv_general_dilated_p, params, x, lk, False, branch)
     base = lax.conv_general_dilated_p.bind(x, lk.base(), **params)
-    a_kernel = jnp.moveaxis(lk.a.astype(lk.dtype), -1, out_feat)
-    t = lax.conv_general_dilated_p.bind(dropout(x), a_kernel, **params)
-    feat = dn.out_spec[1]
-    t = jnp.moveaxis(t, feat, -1)
-    b = (lk.b * jnp.asarray(lk.scale, lk.b.dtype)).astype(t.dtype)
-    y = jnp.moveaxis(jnp.einsum("...z,zo->...o", t, b, precision=params.get("precision")), -1, feat)
-    return Pending(base, y.astype(base.dtype))
+    return Pending(base, branch(dropout(x), lk))
 
 
 def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:

@@ -1,0 +1,352 @@
+"""LoRA training step on the JAX stack's own models: qwix's LoRA vs ``apply_lora`` vs ``factored``.
+
+Models: google-tunix's NNX Llama3, Qwen3 and Gemma3 (random weights, float32)
+and the benchmark decoder (``gpt_variants.PlainNnxGPT``, the decoder of
+``lora_jax.models.gpt`` in NNX). LoRA of rank ``r`` (alpha = 2r) on the seven
+projections (q, k, v, o, gate, up, down; Gemma3's fused ``kv_einsum`` is one
+kernel), adam, one step = loss + gradients + update with the trained state
+donated. Every row starts from the same base and the same adapters:
+
+* ``qwix``: ``qwix.apply_lora_to_model`` (what tunix trains with), its
+  ``nnx.LoRAParam`` values set to lora_jax's initial A and B;
+* ``apply_lora``: ``fn(lora_jax.apply_lora(state, lora), ...)``;
+* ``factored[...]``: ``lora_jax.factored(fn, strategy=...)`` for each strategy
+  named in ``--strategies``; ``default`` is ``factored(fn)``.
+
+Per grid point the rows run round-robin (the order rotating each round), so
+machine noise hits every row alike; a ratio is the median over rounds of the
+per-round ratio, with its quartiles. Peak memory is
+``compiled.memory_analysis()`` (arguments + outputs - aliased + temporaries),
+FLOPs are ``compiled.cost_analysis()``. Before timing, each point checks that
+every row computes the same loss and the same adapter gradients as
+``apply_lora`` (``--check-tol``).
+
+    pip install -e ".[bench]" && pip install "transformers<5"   # google-tunix, qwix
+    python benchmarks/bench_models.py                        # the named grid (GRID below), 30 rounds
+    python benchmarks/bench_models.py --points llama3-512-r8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lora_jax
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_einsum", "kv_einsum", "attn_vec_einsum")
+PROJECTIONS += ("gate_proj", "up_proj", "down_proj", "query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: a model family, its size, the remat config, tokens per step (batch x seq) and the rank."""
+
+    family: str  # llama3 | qwen3 | gemma3 | decoder
+    layers: int
+    d: int
+    remat: str  # NONE | BLOCK (tunix's RematConfig; the decoder's per-block jax.checkpoint)
+    batch: int
+    seq: int
+    rank: int
+
+    @property
+    def name(self) -> str:
+        remat = "-remat" if self.remat != "NONE" else ""
+        size = f"-{self.layers}x{self.d}" if (self.layers, self.d) != (2, 256) else ""
+        return f"{self.family}{size}{remat}-{self.batch * self.seq}-r{self.rank}"
+
+
+GRID = (
+    Point("llama3", 2, 256, "NONE", 4, 128, 8),
+    Point("llama3", 2, 256, "BLOCK", 4, 128, 8),
+    Point("qwen3", 2, 256, "NONE", 4, 128, 8),
+    Point("qwen3", 2, 256, "BLOCK", 4, 128, 8),
+    Point("gemma3", 2, 256, "NONE", 4, 128, 8),
+    Point("gemma3", 2, 256, "BLOCK", 4, 128, 8),
+    Point("llama3", 2, 256, "NONE", 1, 128, 8),
+    Point("llama3", 2, 256, "NONE", 4, 512, 8),
+    Point("llama3", 2, 256, "NONE", 4, 128, 64),
+    Point("qwen3", 2, 256, "BLOCK", 4, 512, 64),
+    Point("gemma3", 2, 256, "NONE", 4, 512, 64),
+    Point("llama3", 4, 512, "NONE", 4, 256, 8),
+    Point("decoder", 2, 256, "NONE", 4, 128, 8),
+    Point("decoder", 2, 256, "BLOCK", 4, 512, 64),
+)
+VOCAB = 1024
+
+
+def build_model(p: Point) -> tuple[nnx.Module, Callable[[nnx.Module, jax.Array], jax.Array]]:
+    """The NNX model of a grid point (random weights) and ``call(model, tokens) -> logits``."""
+    heads, head_dim = p.d // 64, 64
+    if p.family == "decoder":
+        from gpt_variants import PlainNnxGPT
+
+        from lora_jax.models.gpt import GPTConfig
+
+        cfg = GPTConfig(vocab=VOCAB, d_model=p.d, heads=heads, layers=p.layers, d_ff=4 * p.d, max_len=p.seq)
+        cfg = dataclasses.replace(cfg, remat=p.remat != "NONE")
+        return PlainNnxGPT(cfg, nnx.Rngs(0)), lambda m, t: m(t)
+    if p.family == "gemma3":
+        from tunix.models.gemma3 import model as gemma3
+
+        cfg = gemma3.ModelConfig(
+            num_layers=p.layers, num_embed=VOCAB, embed_dim=p.d, hidden_dim=4 * p.d, num_heads=heads,
+            head_dim=head_dim, num_kv_heads=heads // 2, sliding_window_size=64,
+            remat_config=getattr(gemma3.RematConfig, p.remat), param_dtype=jnp.float32,
+        )  # fmt: skip
+        model = gemma3.Gemma3(cfg, rngs=nnx.Rngs(0))
+    else:
+        module = __import__(f"tunix.models.{p.family}.model", fromlist=["model"])
+        cfg = module.ModelConfig(
+            num_layers=p.layers, vocab_size=VOCAB, embed_dim=p.d, hidden_dim=4 * p.d, num_heads=heads,
+            head_dim=head_dim, num_kv_heads=heads // 2, rope_theta=10_000, norm_eps=1e-6,
+            remat_config=getattr(module.RematConfig, p.remat),
+        )  # fmt: skip
+        cls = {"llama3": "Llama3", "qwen3": "Qwen3"}[p.family]
+        model = getattr(module, cls)(cfg, rngs=nnx.Rngs(0))
+
+    def call(m: nnx.Module, tokens: jax.Array) -> jax.Array:
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        logits, _ = m(tokens, positions, None, mask)
+        return logits.astype(jnp.float32)
+
+    return model, call
+
+
+def cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+def _targets(axes: dict[str, str]) -> list[str]:
+    return sorted(k for k in axes if any(f"/{name}/" in f"/{k}" for name in PROJECTIONS))
+
+
+class Row:
+    """One row: a compiled, donating train step and the state it cycles through."""
+
+    def __init__(self, name: str, step: Callable, trained: Any, opt_state: Any, rest: tuple):
+        self.name = name
+        t0 = time.perf_counter()
+        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trained, opt_state, *rest).compile()
+        self.compile_s = time.perf_counter() - t0
+        mem = self.compiled.memory_analysis()
+        self.peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        self.peak += mem.temp_size_in_bytes
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops = float(cost.get("flops", float("nan")))
+        self.state, self.rest, self.times = (trained, opt_state), rest, []
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        trained, opt_state, loss = self.compiled(*self.state, *self.rest)
+        jax.block_until_ready(loss)
+        self.state = (trained, opt_state)
+        return time.perf_counter() - t0
+
+
+def _train_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
+    def step(trained, opt_state, *rest):
+        value, grads = jax.value_and_grad(loss)(trained, *rest)
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, value
+
+    return step
+
+
+def _qwix_model(p: Point, model: nnx.Module, call: Callable, tokens: jax.Array, lora: dict) -> nnx.Module:
+    """``model`` with qwix's LoRA on the same kernels, its A and B set to ``lora``'s."""
+    import qwix
+
+    items = lora_jax.adapter_items(lora)
+    paths = sorted("inner/" + k.rsplit("/", 1)[0] for k in items)  # module paths, e.g. inner/layers/0/attn/q_proj
+    provider = qwix.LoraProvider(module_path="|".join(paths), rank=p.rank, alpha=2.0 * p.rank)
+    wrapped = _CallAsModule(model, call)
+    qmodel = qwix.apply_lora_to_model(wrapped, provider, tokens, rngs=nnx.Rngs(3))
+    flat = dict(nnx.to_flat_state(nnx.state(qmodel, nnx.LoRAParam)))
+    assert len(flat) == 2 * len(items), f"qwix made {len(flat)} LoRA arrays for {len(items)} kernels"
+    for path, node in items.items():
+        for factor, value in (("a", node.a), ("b", node.b)):
+            var = flat[_qwix_key(path, factor)]
+            if var.get_value().shape != value.shape:  # qwix's dot_general form flattens multi-axis factors
+                value = value.reshape(var.value.shape)
+            var.set_value(jnp.asarray(value))
+    return qmodel
+
+
+class _CallAsModule(nnx.Module):
+    """Wraps a model and its call convention so that qwix sees ``module(tokens)`` (module paths get ``inner/``)."""
+
+    def __init__(self, inner: nnx.Module, call: Callable):
+        self.inner, self.call = inner, call
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.call(self.inner, tokens)
+
+
+def build_rows(p: Point, strategies: list[str], check_tol: float) -> tuple[list[Row], dict[str, float]]:
+    model, call = build_model(p)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (p.batch, p.seq)), jnp.int32)
+    graphdef, state = nnx.split(model)
+    fn = lambda s, t: call(nnx.merge(graphdef, s), t)  # noqa: E731
+    axes = lora_jax.infer_axes(fn, state, tokens)
+    spec = lora_jax.LoraSpec(rank=p.rank, alpha=2.0 * p.rank, targets=_targets(axes), axes=axes, init="random")
+    lora = lora_jax.init_lora(jax.random.key(1), state, spec)
+    lora = jax.tree.map(lambda v: 0.02 * jnp.asarray(rng.standard_normal(v.shape), v.dtype), lora)  # B != 0
+    tx = optax.adam(1e-4)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (each row owns its donated buffers)
+
+    losses: dict[str, Callable] = {}
+    losses["apply_lora"] = lambda lo, s, t: cross_entropy(fn(lora_jax.apply_lora(s, lo), t), t)
+    for strategy in strategies:
+        wrapped = lora_jax.factored(fn) if strategy == "default" else lora_jax.factored(fn, strategy=strategy)
+        losses[f"factored[{strategy}]"] = lambda lo, s, t, w=wrapped: cross_entropy(w(s, lo, t), t)
+    specs = {name: (loss, lora, state) for name, loss in losses.items()}
+
+    qmodel = _qwix_model(p, model, call, tokens, lora)
+    qdef, qlora, qrest = nnx.split(qmodel, nnx.LoRAParam, ...)
+    specs["qwix"] = (lambda lo, rest, t: cross_entropy(nnx.merge(qdef, lo, rest)(t), t), qlora, qrest)
+
+    diffs = _check_same_function(specs, tokens, lora, check_tol)
+    rows = []
+    for name in ["qwix", *losses]:
+        loss, trained, base = specs[name]
+        rows.append(Row(name, _train_step(loss, tx), copy(trained), tx.init(trained), (base, tokens)))
+    return rows, diffs
+
+
+def _qwix_key(path: str, factor: str) -> tuple:
+    """qwix's flat-state key of factor ``a``/``b`` of lora_jax's adapter at ``path``."""
+    module, leaf = path.rsplit("/", 1)
+    key = (*("inner/" + module).split("/"), f"{leaf}_lora_{factor}")
+    return tuple(int(k) if k.isdigit() else k for k in key)
+
+
+def _as_lora(name: str, grads: Any, lora: dict) -> dict:
+    """Gradients of one row in lora_jax's adapter structure (qwix's mapped back by path)."""
+    if name != "qwix":
+        return lora_jax.adapter_items(grads)
+    flat = dict(nnx.to_flat_state(grads))
+    return {
+        path: dataclasses.replace(
+            node, **{f: flat[_qwix_key(path, f)].get_value().reshape(getattr(node, f).shape) for f in "ab"}
+        )
+        for path, node in lora_jax.adapter_items(lora).items()
+    }
+
+
+def _check_same_function(specs: dict, tokens: jax.Array, lora: dict, tol: float) -> dict[str, float]:
+    """Every row's loss and adapter gradients equal apply_lora's, relative to the gradient's scale."""
+    ref_loss, ref = jax.jit(jax.value_and_grad(specs["apply_lora"][0]))(lora, specs["apply_lora"][2], tokens)
+    diffs = {}
+    for name, (loss, trained, base) in specs.items():
+        value, grads = jax.jit(jax.value_and_grad(loss))(trained, base, tokens)
+        grads, want = _as_lora(name, grads, lora), lora_jax.adapter_items(ref)
+        rel = [
+            float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30))
+            for path in want
+            for g, r in zip((grads[path].a, grads[path].b), (want[path].a, want[path].b), strict=True)
+        ]
+        diffs[name] = max(abs(float(value) - float(ref_loss)), *rel)
+        if diffs[name] > tol:
+            raise AssertionError(f"{name}: loss/gradients differ from apply_lora's by {diffs[name]:.2e} > {tol}")
+    return diffs
+
+
+def measure(rows: list[Row], rounds: int, warmup: int) -> None:
+    for _ in range(warmup):
+        for row in rows:
+            row.run()
+    for i in range(rounds):
+        k = i % len(rows)
+        for row in rows[k:] + rows[:k]:
+            row.times.append(row.run())
+
+
+def paired(a: Row, b: Row) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``a``'s step time over ``b``'s in the same round."""
+    r = np.asarray(a.times) / np.asarray(b.times)
+    return float(np.median(r)), float(np.percentile(r, 25)), float(np.percentile(r, 75))
+
+
+def report(p: Point, rows: list[Row], subject: str) -> tuple[list[str], dict[str, float]]:
+    """Table lines for one point and the subject row's ratios to the better peer (time) and memory."""
+    by = {r.name: r for r in rows}
+    peers = [by["qwix"], by["apply_lora"]]
+    fastest = min(peers, key=lambda r: np.median(r.times))
+    smallest = min(r.peak for r in peers)
+    lines = []
+    for r in rows:
+        q = paired(r, by["qwix"])
+        m = paired(r, by["apply_lora"])
+        lines.append(
+            f"| {p.name} | {r.name} | {np.median(r.times) * 1e3:.1f} | {q[0]:.3f} [{q[1]:.3f}, {q[2]:.3f}] | "
+            f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}] | {r.peak / 2**20:.1f} | {r.peak / smallest:.3f} | "
+            f"{r.flops / by['apply_lora'].flops:.3f} | {r.compile_s:.1f} |"
+        )
+    time_ratio = paired(by[subject], fastest)
+    return lines, {"time": time_ratio[0], "time_q1": time_ratio[1], "time_q3": time_ratio[2],
+                   "memory": by[subject].peak / smallest}  # fmt: skip
+
+
+HEADER = (
+    "| point | row | median step (ms) | / qwix [25%, 75%] | / apply_lora [25%, 75%] | peak (MiB) "
+    "| / smaller peer | FLOPs / apply_lora | compile (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", default="all", help="comma-separated point names (see GRID), or all")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--strategies", default="default", help="comma-separated factored strategies to time")
+    parser.add_argument("--subject", default="factored[default]", help="the row the targets are checked for")
+    parser.add_argument("--check-tol", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    points = GRID if args.points == "all" else [p for p in GRID if p.name in args.points.split(",")]
+    if not points:
+        parser.error(f"--points {args.points!r} names no grid point; known: {', '.join(p.name for p in GRID)}")
+    strategies = args.strategies.split(",")
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {args.rounds} rounds", flush=True)
+    print(HEADER, flush=True)
+    results, summary = {}, []
+    for p in points:
+        rows, diffs = build_rows(p, strategies, args.check_tol)
+        measure(rows, args.rounds, args.warmup)
+        lines, ratios = report(p, rows, args.subject)
+        print("\n".join(lines), flush=True)
+        results[p.name] = ratios
+        worst = max(diffs.values())
+        ok = ratios["time"] <= 1.03 and ratios["memory"] <= 1.03
+        summary.append(
+            f"| {p.name} | {ratios['time']:.3f} [{ratios['time_q1']:.3f}, {ratios['time_q3']:.3f}] | "
+            f"{ratios['memory']:.3f} | {worst:.1e} | {'PASS' if ok else 'MISS'} |"
+        )
+    print(f"\n{args.subject} against the better of qwix and apply_lora (target <= 1.03 in time and memory):")
+    print("| point | time / faster peer [25%, 75%] | memory / smaller peer | max loss/grad diff | |")
+    print("|---|---:|---:|---:|---|")
+    print("\n".join(summary))
+    return results
+
+
+if __name__ == "__main__":
+    main()
