@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +43,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_factored import Row, _train_step
 
 import lora_jax
 
@@ -138,39 +139,6 @@ def _targets(axes: dict[str, str]) -> list[str]:
     return sorted(k for k in axes if any(f"/{name}/" in f"/{k}" for name in PROJECTIONS))
 
 
-class Row:
-    """One row: a compiled, donating train step and the state it cycles through."""
-
-    def __init__(self, name: str, step: Callable, trained: Any, opt_state: Any, rest: tuple):
-        self.name = name
-        t0 = time.perf_counter()
-        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trained, opt_state, *rest).compile()
-        self.compile_s = time.perf_counter() - t0
-        mem = self.compiled.memory_analysis()
-        self.peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-        self.peak += mem.temp_size_in_bytes
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops = float(cost.get("flops", float("nan")))
-        self.state, self.rest, self.times = (trained, opt_state), rest, []
-
-    def run(self) -> float:
-        t0 = time.perf_counter()
-        trained, opt_state, loss = self.compiled(*self.state, *self.rest)
-        jax.block_until_ready(loss)
-        self.state = (trained, opt_state)
-        return time.perf_counter() - t0
-
-
-def _train_step(loss: Callable, tx: optax.GradientTransformation) -> Callable:
-    def step(trained, opt_state, *rest):
-        value, grads = jax.value_and_grad(loss)(trained, *rest)
-        updates, opt_state = tx.update(grads, opt_state, trained)
-        return optax.apply_updates(trained, updates), opt_state, value
-
-    return step
-
-
 def _qwix_model(p: Point, model: nnx.Module, call: Callable, tokens: jax.Array, lora: dict) -> nnx.Module:
     """``model`` with qwix's LoRA on the same kernels, its A and B set to ``lora``'s."""
     import qwix
@@ -229,7 +197,7 @@ def build_rows(p: Point, strategies: list[str], check_tol: float) -> tuple[list[
     rows = []
     for name in ["qwix", *losses]:
         loss, trained, base = specs[name]
-        rows.append(Row(name, _train_step(loss, tx), copy(trained), tx.init(trained), (base, tokens)))
+        rows.append(Row(name, _train_step(loss, tx), (copy(trained), tx.init(trained), base, tokens), (0, 1), True))
     return rows, diffs
 
 

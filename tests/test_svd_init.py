@@ -9,7 +9,6 @@ residual, which are sign-invariant, directly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -27,11 +26,12 @@ import pytest
 import torch
 from _reference import bf16_half_ulp, delta_np, f64
 from _xla_env import xla_env
+from test_base_leaf import Int8Kernel
 
 import lora_jax
 from lora_jax import LoraSpec, adapter_items, apply_lora, export_peft, import_peft, init_lora, init_lora_and_base
 from lora_jax.adapters._svd_init import svd_lowrank
-from lora_jax.targets._paths import flatten_with_paths, nest, register_base_leaf
+from lora_jax.targets._paths import flatten_with_paths, nest
 
 KERNELS = {  # path -> (shape, layout)
     "dense/kernel": ((12, 7), "io"),
@@ -358,30 +358,11 @@ def test_an_integer_leaf_is_refused_naming_the_path():
         init_lora_and_base(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], init="pissa"))
 
 
-@register_base_leaf
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Int8Kernel:
-    codes: jax.Array
-    scales: jax.Array
-
-    @property
-    def shape(self):
-        return self.codes.shape
-
-    @property
-    def dtype(self):
-        return jnp.dtype(jnp.float32)
-
-    def dequantize(self):
-        return self.codes.astype(jnp.float32) * self.scales
-
-
 def test_a_quantized_base_leaf_is_refused_naming_the_path():
-    params = {"dense": {"kernel": _Int8Kernel(jnp.ones((6, 4), jnp.int8), jnp.ones(4))}}
+    params = {"dense": {"kernel": Int8Kernel(jnp.ones((6, 4), jnp.int8), jnp.ones(4))}}
     for init in ("pissa", "olora"):
         with pytest.raises(TypeError, match=rf"dense/kernel: init_lora_and_base with init='{init}': expected a float "
-                                            r"array kernel.*found a quantized base leaf \(_Int8Kernel\)"):  # fmt: skip
+                                            r"array kernel.*found a quantized base leaf \(Int8Kernel\)"):  # fmt: skip
             init_lora_and_base(jax.random.key(0), params, LoraSpec(rank=2, init=init))
     lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, init="orthogonal"))  # no base needed: allowed
     assert lora["dense"]["kernel"].a.shape == (6, 2)

@@ -15,7 +15,7 @@ The saved residuals are the use's input ``x`` and the factors, as in the
 fully factored strategy; what changes is that the activation-sized thin
 products ``(x·A)·B`` (forward) and ``u·Aᵀ`` (backward) become one
 kernel-sized product ``A·B`` each. Which is cheaper depends on the number of
-rows against the kernel's size and on the backend (see ``choose`` in
+rows against the kernel's size and on the backend (see
 :mod:`lora_jax.factored._strategy`).
 
 A frozen factor (LoRA-FA's A, under ``stop_gradient``) is not differentiated:

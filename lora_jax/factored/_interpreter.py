@@ -195,8 +195,7 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
     rate = lazy[0].dropout if len(lazy) == 1 else 0.0
     dense = False
     if name in ("dot_general", "conv_general_dilated") and len(lazy) == 1:
-        other = next(x for x in invals if x is not lazy[0])
-        dense = strategies.use_dense(ctx.strategy, lazy[0], other, ctx.key is not None and rate > 0)
+        dense = strategies.use_dense(ctx.strategy, lazy[0], ctx.key is not None and rate > 0)
     if name == "dot_general":
         out = rules.dot_general(invals, params, ctx.dropout_fn(rate), dense=dense)
     elif name == "conv_general_dilated":

@@ -7,8 +7,11 @@
   a custom backward that computes ``dA``, ``dB`` from the factors
   (:mod:`lora_jax.factored._dense`). One dense product instead of the base
   product plus two activation-sized thin ones; no weight gradient.
-* ``"auto"`` (the default): per use, the strategy measured faster for it on the
-  backend that runs it (:func:`use_dense`).
+* ``"auto"``: for now, ``"dense"`` wherever it is allowed and ``"factored"``
+  where LoRA dropout is applied. A per-use rule chosen by measurement (rows
+  against kernel size, per backend) is still to come; ``"factored"`` stays the
+  default of :func:`lora_jax.factored` until it is measured on the grid of
+  ``benchmarks/bench_models.py``.
 
 Every strategy never computes a weight gradient and gives the values and
 gradients of ``fn(apply_lora(params, lora))``.
@@ -17,8 +20,6 @@ gradients of ``fn(apply_lora(params, lora))``.
 from __future__ import annotations
 
 from typing import Any
-
-import jax
 
 from lora_jax.errors._messages import expected
 from lora_jax.factored._lazy import FactoredError, LazyKernel
@@ -38,8 +39,8 @@ def check_strategy(strategy: Any) -> None:
         )
 
 
-def use_dense(strategy: str, lk: LazyKernel, x: jax.Array, dropping: bool) -> bool:
-    """Whether this use of ``lk`` (with input ``x``) runs dense; raises where ``"dense"`` cannot be honoured."""
+def use_dense(strategy: str, lk: LazyKernel, dropping: bool) -> bool:
+    """Whether this use of ``lk`` runs dense; raises where ``"dense"`` cannot be honoured (LoRA dropout)."""
     if strategy == "factored":
         return False
     if dropping:
@@ -50,11 +51,4 @@ def use_dense(strategy: str, lk: LazyKernel, x: jax.Array, dropping: bool) -> bo
                 f"strategy='auto' or 'factored' to train with dropout, or deterministic=True to evaluate."
             )
         return False
-    if strategy == "dense":
-        return True
-    return _auto_dense(lk, x)
-
-
-def _auto_dense(lk: LazyKernel, x: jax.Array) -> bool:
-    del lk, x
-    return True
+    return True  # "dense", and "auto" until its per-use rule is measured
