@@ -105,7 +105,7 @@ def test_layout_transforms_on_the_kernel():
 
     lora = {"k": _lw(w.shape, "iio")}
     assert_same(fn, {"k": w}, lora, x)
-    assert factored(fn).explain({"k": w}, lora, x) == {"k": ("dot_general",)}
+    assert factored(fn, strategy="factored").explain({"k": w}, lora, x) == {"k": ("dot_general",)}
 
 
 ROUNDINGS = {
@@ -130,7 +130,7 @@ def test_cast_to_a_narrower_dtype_is_factored_in_that_dtype():
     fn = lambda p, x: x @ p["k"].astype(jnp.bfloat16)  # noqa: E731
     lora = {"k": _lw(w.shape, "io", scale=0.25)}
     assert_same(fn, {"k": w}, lora, x, tol=2e-2)  # both round W + s·A·B's terms (or sum) to bfloat16: 2^-8 each
-    assert factored(fn).explain({"k": w}, lora, x) == {"k": ("dot_general",)}
+    assert factored(fn, strategy="factored").explain({"k": w}, lora, x) == {"k": ("dot_general",)}
 
 
 def test_bfloat16_kernel_factored_in_its_dtype():
@@ -220,7 +220,10 @@ def test_kernel_leaving_jit_remat_cond_and_scan_bodies_stays_factored():
         return h
 
     assert_same(fn, {"k": w, "s": stacked}, lora, x)
-    assert factored(fn).explain({"k": w, "s": stacked}, lora, x) == {"k": ("dot_general",), "s": ("dot_general",)}
+    assert factored(fn, strategy="factored").explain({"k": w, "s": stacked}, lora, x) == {
+        "k": ("dot_general",),
+        "s": ("dot_general",),
+    }
 
 
 def test_kernel_leaving_a_cond_differently_per_branch_is_refused_there():

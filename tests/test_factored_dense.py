@@ -50,3 +50,51 @@ def test_dense_strategy_refuses_lora_dropout_and_names_the_path():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match=r"factored\(strategy=...\): expected one of 'auto', 'factored', 'dense'"):
         lora_jax.factored(lambda p, x: x, strategy="fast")
+
+
+def test_auto_chooses_per_use_by_its_rule_and_equals_apply_lora(monkeypatch):
+    """strategy="auto" (the default) runs a use dense when rows >= threshold · 2·in·out/(in + out), else factored;
+    both kinds of use in one function give apply_lora's values and gradients."""
+    from lora_jax.factored import _strategy
+
+    monkeypatch.setitem(_strategy.AUTO_THRESHOLD, jax.default_backend(), 1.0)  # the FLOP break-even
+    rng = np.random.default_rng(1)
+    params = {"few": jnp.asarray(rng.standard_normal((16, 16)), jnp.float32),
+              "many": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)}  # fmt: skip
+    x_few = jnp.asarray(rng.standard_normal((1, 16)), jnp.float32)  # 1 row: 1·32 < 2·16·16 -> factored
+    x_many = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)  # 64 rows: 64·16 >= 2·8·8 -> dense
+    assert not _strategy.auto_is_dense(1, 16, 16) and _strategy.auto_is_dense(64, 8, 8)
+    spec = lora_jax.LoraSpec(rank=2, targets=["few", "many"], init="random")
+    lora = jax.tree.map(lambda v: v + 0.1, lora_jax.init_lora(jax.random.key(0), params, spec))  # B != 0
+    fn = lambda p, a, b: jnp.sum(jnp.tanh(a @ p["few"])) + jnp.sum(jnp.sin(b @ p["many"]))  # noqa: E731
+    auto = lora_jax.factored(fn)
+    assert auto.explain(params, lora, x_few, x_many) == {"few": ("dot_general",), "many": ("dot_general (dense)",)}
+    ref = lambda lo: fn(lora_jax.apply_lora(params, lo), x_few, x_many)  # noqa: E731
+    v_ref, g_ref = jax.value_and_grad(ref)(lora)
+    v_got, g_got = jax.jit(jax.value_and_grad(lambda lo: auto(params, lo, x_few, x_many)))(lora)
+    np.testing.assert_allclose(v_got, v_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_threshold_is_per_backend_and_unmeasured_backends_use_the_flop_rule():
+    from lora_jax.factored import _strategy
+
+    unmeasured = [b for b in ("gpu", "tpu", "some-new-backend") if b not in _strategy.AUTO_THRESHOLD]
+    assert "cpu" in _strategy.AUTO_THRESHOLD and "some-new-backend" in unmeasured
+    for backend in unmeasured:
+        assert _strategy.auto_is_dense(410, 256, 1024, backend=backend)  # 2·256·1024/1280 = 409.6
+        assert not _strategy.auto_is_dense(409, 256, 1024, backend=backend)
+
+
+def test_auto_with_lora_dropout_runs_factored_with_the_same_masks():
+    """Where LoRA dropout applies, "auto" cannot run dense: it runs factored (never an error), mask for mask."""
+    params = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((4, 3)), jnp.float32)}
+    spec = lora_jax.LoraSpec(rank=2, targets=["w"], dropout=0.5, init="random")
+    lora = jax.tree.map(lambda v: v + 0.3, lora_jax.init_lora(jax.random.key(0), params, spec))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    x, key = jnp.ones((256, 4)), jax.random.key(7)  # enough rows for the dense rule, were it allowed
+    auto = lora_jax.factored(fn)(params, lora, x, dropout_rng=key)
+    fac = lora_jax.factored(fn, strategy="factored")(params, lora, x, dropout_rng=key)
+    np.testing.assert_array_equal(auto, fac)
+    assert not np.allclose(auto, lora_jax.factored(fn, deterministic=True)(params, lora, x))  # dropout did apply

@@ -81,7 +81,8 @@ def test_reshape_mixing_input_and_output_axes_raises():
 def test_materialize_opt_in_forms_that_leaf_and_reports_it():
     fn = lambda p, x: x @ p["dense"]["kernel"] + jnp.cumsum(p["dense"]["kernel"], 0)[:3, :1]  # noqa: E731
     seen = []
-    g = factored(fn, materialize=["dense/kernel"], on_materialize=lambda path, prim: seen.append((path, prim)))
+    report = lambda path, prim: seen.append((path, prim))  # noqa: E731
+    g = factored(fn, materialize=["dense/kernel"], on_materialize=report, strategy="factored")
     ref_fn = lambda lo: fn(lora_jax.apply_lora(PARAMS, lo), X)  # noqa: E731
 
     @jax.jit
@@ -257,7 +258,9 @@ def test_kernel_reaching_a_custom_jvp_function_raises_naming_it():
 
 def test_explain_traces_an_adapter_with_dropout_without_a_key():
     fn = lambda prm, x: x @ prm["dense"]["kernel"]  # noqa: E731
-    assert factored(fn).explain(PARAMS, _with_dropout(LORA, 0.2), X) == {"dense/kernel": ("dot_general",)}
+    assert factored(fn, strategy="factored").explain(PARAMS, _with_dropout(LORA, 0.2), X) == {
+        "dense/kernel": ("dot_general",)
+    }
 
 
 TWO = {"dense": {"kernel": _rand(6, (6, 4))}, "out": {"kernel": _rand(7, (4, 3))}}
@@ -273,7 +276,10 @@ def test_a_function_using_only_some_adapted_kernels_still_runs(jit):
     wrapped = jax.jit(factored(fn)) if jit else factored(fn)
     y = wrapped(TWO, TWO_LORA, X)
     np.testing.assert_allclose(y, fn(lora_jax.apply_lora(TWO, TWO_LORA), X), rtol=1e-5, atol=1e-5)
-    assert factored(fn).explain(TWO, TWO_LORA, X) == {"dense/kernel": ("dot_general",), "out/kernel": ()}
+    assert factored(fn, strategy="factored").explain(TWO, TWO_LORA, X) == {
+        "dense/kernel": ("dot_general",),
+        "out/kernel": (),
+    }
 
 
 def test_a_function_closing_over_an_unadapted_leaf_still_runs():

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _jaxpr_shapes import eqn_shapes
+from _jaxpr_shapes import eqn_shapes, kernel_shaped_products
 from flax import nnx
 
 import lora_jax
@@ -33,10 +33,10 @@ def _gpt(scan: bool, trainable=("lm_head",), **switches):
     return model, params, lora, tokens
 
 
-def _losses(model, params, tokens):
+def _losses(model, params, tokens, strategy="factored"):
     fn = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
     ref = lambda lo: cross_entropy(fn(lora_jax.apply_lora(params, lo), tokens), tokens)  # noqa: E731
-    fac = lambda lo: cross_entropy(factored(fn)(params, lo, tokens), tokens)  # noqa: E731
+    fac = lambda lo: cross_entropy(factored(fn, strategy=strategy)(params, lo, tokens), tokens)  # noqa: E731
     return ref, fac
 
 
@@ -48,20 +48,21 @@ def _rel_err(x, y):
 MEMORY_SWITCHES = {"remat": True, "attention_chunk": 5}  # nn.remat blocks + checkpointed lax.map attention
 
 
+@pytest.mark.parametrize("strategy", ["factored", "dense"])
 @pytest.mark.parametrize("switches", [{}, MEMORY_SWITCHES], ids=["plain", "remat+chunked"])
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
-def test_gpt_loss_and_grads_match_apply_lora(scan, switches):
+def test_gpt_loss_and_grads_match_apply_lora(scan, switches, strategy):
     model, params, lora, tokens = _gpt(scan, **switches)
-    ref, fac = _losses(model, params, tokens)
+    ref, fac = _losses(model, params, tokens, strategy)
     (v_ref, g_ref), (v_fac, g_fac) = jax.jit(lambda lo: (jax.value_and_grad(ref)(lo), jax.value_and_grad(fac)(lo)))(
         lora
     )
     assert _rel_err(v_fac, v_ref) < 1e-5
     for gf, gr in zip(jax.tree.leaves(g_fac), jax.tree.leaves(g_ref), strict=True):
         assert _rel_err(gf, gr) < 1e-4
-    report = factored(lambda p, t: model.apply({"params": p}, t)).explain(params, lora, tokens)
-    assert report.pop("tok_embed/embedding") == ("gather",)
-    assert set(report.values()) == {("dot_general",)}
+    report = factored(lambda p, t: model.apply({"params": p}, t), strategy=strategy).explain(params, lora, tokens)
+    assert report.pop("tok_embed/embedding") == ("gather",)  # an embedding lookup is factored by every strategy
+    assert set(report.values()) == {("dot_general (dense)",) if strategy == "dense" else ("dot_general",)}
 
 
 @pytest.mark.parametrize("switches", [{}, MEMORY_SWITCHES], ids=["plain", "remat+chunked"])
@@ -81,6 +82,27 @@ def test_factored_training_step_has_no_kernel_sized_values(scan, switches):
     assert len(ref_hits) > 10  # the property is observable: the materialized path forms W' and dW'
     # the only kernel-shaped values in the factored step are the frozen bases themselves (stop_gradient)
     assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
+
+
+@pytest.mark.parametrize("strategy", ["factored", "dense", "auto"])
+def test_no_strategy_computes_a_weight_gradient(strategy):
+    """No product contracting over the tokens yields a kernel's shape (dW) under any strategy (nn.scan + remat
+    blocks); apply_lora computes one per kernel. The dense strategy forms W + s·A·B (a product over the rank
+    only), the factored one never does (the test above)."""
+    cfg = GPTConfig(vocab=56, d_model=24, heads=3, layers=2, d_ff=40, max_len=10, scan=True, remat=True)
+    model = GPT(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (2, cfg.max_len)), jnp.int32)
+    params = _rand_like(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    spec = lora_jax.LoraSpec(rank=4, targets=TARGETS[:-1], axes=lora_axes(cfg))
+    lora = _rand_like(jax.eval_shape(lambda: lora_jax.init_lora(jax.random.key(1), params, spec)), seed=1)
+    shapes = {n.kernel_shape[1:] for n in lora_jax.adapter_items(lora).values()}  # one layer's kernel in the scan
+    ref, fac = _losses(model, params, tokens, strategy)
+    products = lambda loss: kernel_shaped_products(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr, shapes)  # noqa: E731
+    over_tokens = lambda found: [p for p in found if p[1] != (spec.rank,)]  # noqa: E731
+    assert len(over_tokens(products(ref))) >= 6  # observable: apply_lora's dW' contracts over the tokens
+    assert over_tokens(products(fac)) == []
+    if strategy != "auto":  # dense forms W + s·A·B (over the rank); auto does where its rule says dense
+        assert bool(products(fac)) == (strategy == "dense")
 
 
 class _NnxModel(nnx.Module):
@@ -110,7 +132,8 @@ def test_nnx_model_unchanged():
     assert _rel_err(v_fac, v_ref) < 1e-5
     for gf, gr in zip(jax.tree.leaves(g_fac), jax.tree.leaves(g_ref), strict=True):
         assert _rel_err(gf, gr) < 1e-5
-    assert set(factored(fn).explain(state, lora, tokens).values()) == {("gather",), ("dot_general",)}
+    report = factored(fn, strategy="factored").explain(state, lora, tokens)
+    assert set(report.values()) == {("gather",), ("dot_general",)}
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "nn.scan"])
@@ -126,6 +149,6 @@ def test_bfloat16_gpt_casts_every_kernel_and_stays_factored(scan):
     assert _rel_err(v_ref, v_ex) < eps and _rel_err(v_fac, v_ex) < eps
     worst = lambda g: max(_rel_err(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ex), strict=True))  # noqa: E731
     assert worst(g_fac) < 2 * worst(g_ref), (worst(g_fac), worst(g_ref))  # measured 0.039 vs 0.032 (looped)
-    report = factored(lambda p, t: model.apply({"params": p}, t)).explain(params, lora, tokens)
+    report = factored(lambda p, t: model.apply({"params": p}, t), strategy="factored").explain(params, lora, tokens)
     assert report.pop("tok_embed/embedding") == ("gather",)
     assert set(report.values()) == {("dot_general",)}

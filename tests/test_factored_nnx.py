@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _jaxpr_shapes import eqn_shapes
+from _jaxpr_shapes import eqn_shapes, kernel_shaped_products
 from flax import nnx
 
 import lora_jax
@@ -42,8 +42,8 @@ class Model(nnx.Module):
         return self.head(x)
 
 
-@pytest.fixture(scope="module")
-def case():
+@pytest.fixture(scope="module", params=["factored", "dense"])
+def case(request):
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), abstract)
@@ -59,9 +59,10 @@ def case():
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
 
     def fac(lo):
-        logits = factored(fn)(state, lo, tokens)
+        logits = factored(fn, strategy=request.param)(state, lo, tokens)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
 
+    fac.strategy = request.param
     return state, lora, ref, fac
 
 
@@ -82,12 +83,20 @@ def test_remat_blocks_training_step_has_no_kernel_sized_adapter_gradient(case):
     fac_hits = [s for s in eqn_shapes(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr) if s[1] in kernels]
     ref_hits = [s for s in eqn_shapes(jax.make_jaxpr(jax.grad(ref))(lora).jaxpr) if s[1] in kernels]
     assert len(ref_hits) > 6  # observable: the materialized path forms W' and dW' for every adapted kernel
-    assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
+    # no weight gradient under either strategy: no kernel-shaped product contracts over the tokens
+    products = kernel_shaped_products(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr, kernels)
+    assert [p for p in products if p[1] != (2,)] == [], products
+    if fac.strategy == "factored":  # and the fully factored strategy has no kernel-shaped value at all
+        assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
+    else:  # the dense one forms W + s·A·B per use (a product over the rank), in every remat block
+        assert len(products) >= 4
 
 
 def test_remat_blocks_report_every_kernel_factored(case):
     state, lora, _, _ = case
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
-    report = factored(lambda s, t: nnx.merge(graphdef, s)(t)).explain(state, lora, jnp.zeros((2, 5), jnp.int32))
+    fn = factored(lambda s, t: nnx.merge(graphdef, s)(t), strategy=case[3].strategy)
+    report = fn.explain(state, lora, jnp.zeros((2, 5), jnp.int32))
     assert report.pop("embed/embedding") == ("gather",)
-    assert set(report.values()) == {("dot_general",)} and len(report) == 4
+    rule = "dot_general (dense)" if case[3].strategy == "dense" else "dot_general"
+    assert set(report.values()) == {(rule,)} and len(report) == 4

@@ -195,7 +195,8 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
     rate = lazy[0].dropout if len(lazy) == 1 else 0.0
     dense = False
     if name in ("dot_general", "conv_general_dilated") and len(lazy) == 1:
-        dense = strategies.use_dense(ctx.strategy, lazy[0], ctx.key is not None and rate > 0)
+        size = strategies.use_size(name, invals, params)
+        dense = strategies.use_dense(ctx.strategy, lazy[0], ctx.key is not None and rate > 0, size)
     if name == "dot_general":
         out = rules.dot_general(invals, params, ctx.dropout_fn(rate), dense=dense)
     elif name == "conv_general_dilated":
@@ -323,7 +324,7 @@ def factored(
     *,
     materialize: Iterable[str] | str = (),
     on_materialize: Callable[[str, str], None] | None = None,
-    strategy: str = "factored",
+    strategy: str = "auto",
     deterministic: bool = False,
 ) -> Factored:
     """Wrap ``fn(params, *args)`` to run with every adapted kernel factored.
