@@ -29,10 +29,11 @@ every row computes the same loss and the same adapter gradients as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_factored import Row
 
 import lora_jax
+from lora_jax.factored import _strategy
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_einsum", "kv_einsum", "attn_vec_einsum")
 PROJECTIONS += ("gate_proj", "up_proj", "down_proj", "query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -135,6 +137,34 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
+@contextlib.contextmanager
+def _auto_threshold(value: float | None) -> Iterator[None]:
+    """Trace with ``factored(strategy="auto")``'s threshold for this backend set to ``value`` (None: as it is)."""
+    table, backend = _strategy.AUTO_THRESHOLD, jax.default_backend()
+    old = table.get(backend)
+    if value is not None:
+        table[backend] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            table.pop(backend) if old is None else table.__setitem__(backend, old)
+
+
+def _untied(state: Any) -> Any:
+    """``state`` with Gemma's tied embedding as an integer leaf, which ``infer_axes`` does not follow.
+
+    The embedding is not a target; used by a lookup and by the tied output
+    projection, it has two layouts and ``infer_axes`` would refuse it.
+    """
+
+    def leaf(path: tuple, x: Any) -> Any:
+        tied = "input_embedding" in jax.tree_util.keystr(path)
+        return jax.ShapeDtypeStruct(x.shape, jnp.int32) if tied else x
+
+    return jax.tree_util.tree_map_with_path(leaf, state)
+
+
 def _targets(axes: dict[str, str]) -> list[str]:
     return sorted(k for k in axes if any(f"/{name}/" in f"/{k}" for name in PROJECTIONS))
 
@@ -169,13 +199,15 @@ class _CallAsModule(nnx.Module):
         return self.call(self.inner, tokens)
 
 
-def build_rows(p: Point, strategies: list[str], check_tol: float) -> tuple[list[Row], dict[str, float]]:
+def build_rows(
+    p: Point, strategies: list[str], check_tol: float, lora_fa: bool = False
+) -> tuple[list[Row], dict[str, float]]:
     model, call = build_model(p)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, VOCAB, (p.batch, p.seq)), jnp.int32)
     graphdef, state = nnx.split(model)
     fn = lambda s, t: call(nnx.merge(graphdef, s), t)  # noqa: E731
-    axes = lora_jax.infer_axes(fn, state, tokens)
+    axes = lora_jax.infer_axes(fn, _untied(state), tokens)
     spec = lora_jax.LoraSpec(rank=p.rank, alpha=2.0 * p.rank, targets=_targets(axes), axes=axes, init="random")
     lora = lora_jax.init_lora(jax.random.key(1), state, spec)
     lora = jax.tree.map(lambda v: 0.02 * jnp.asarray(rng.standard_normal(v.shape), v.dtype), lora)  # B != 0
@@ -185,9 +217,23 @@ def build_rows(p: Point, strategies: list[str], check_tol: float) -> tuple[list[
     losses: dict[str, Callable] = {}
     losses["apply_lora"] = lambda lo, s, t: cross_entropy(fn(lora_jax.apply_lora(s, lo), t), t)
     for strategy in strategies:
-        wrapped = lora_jax.factored(fn) if strategy == "default" else lora_jax.factored(fn, strategy=strategy)
-        losses[f"factored[{strategy}]"] = lambda lo, s, t, w=wrapped: cross_entropy(w(s, lo, t), t)
+        name, _, threshold = strategy.partition(":")  # "auto:0.5": "auto" with that threshold (for tuning it)
+        wrapped = lora_jax.factored(fn) if name == "default" else lora_jax.factored(fn, strategy=name)
+
+        def loss(lo: Any, s: Any, t: jax.Array, w: Callable = wrapped, threshold: str = threshold) -> jax.Array:
+            with _auto_threshold(float(threshold) if threshold else None):  # read when the step is traced
+                return cross_entropy(w(s, lo, t), t)
+
+        losses[f"factored[{strategy}]"] = loss
     specs = {name: (jax.value_and_grad(loss), lora, state) for name, loss in losses.items()}
+    if lora_fa:  # LoRA-FA: the same adapters with A frozen (lora_jax.split keeps it out of the trained tree)
+        fa = jax.tree.map(
+            lambda n: dataclasses.replace(n, frozen=("a",)), lora, is_leaf=lambda n: isinstance(n, lora_jax.LoraWeights)
+        )
+        trained_fa, frozen_fa = lora_jax.split(fa)
+        first = next(n for n in losses if n.startswith("factored["))
+        fa_loss = lambda tr, s, t, loss=losses[first]: loss(lora_jax.combine(tr, frozen_fa), s, t)  # noqa: E731
+        specs[f"{first} LoRA-FA"] = (jax.value_and_grad(fa_loss), trained_fa, state)
 
     qmodel = _qwix_model(p, model, call, tokens, lora)
     qdef, qlora, qrest = nnx.split(qmodel, nnx.LoRAParam, ...)
@@ -202,7 +248,7 @@ def build_rows(p: Point, strategies: list[str], check_tol: float) -> tuple[list[
 
     diffs = _check_same_function(specs, tokens, lora, check_tol)
     rows = []
-    for name in ["qwix", *losses]:
+    for name in ["qwix", *losses, *(n for n in specs if n.endswith("LoRA-FA"))]:
         value_and_grad, trained, base = specs[name]
         step = _train_step(value_and_grad, tx)
         rows.append(Row(name, step, (copy(trained), tx.init(trained), base, tokens), (0, 1), True))
@@ -249,6 +295,7 @@ def _check_same_function(specs: dict, tokens: jax.Array, lora: dict, tol: float)
             float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30))
             for path in want
             for g, r in zip((grads[path].a, grads[path].b), (want[path].a, want[path].b), strict=True)
+            if g is not None  # LoRA-FA trains B only
         ]
         diffs[name] = max(abs(float(value) - float(ref_loss)), *rel)
         if diffs[name] > tol:
@@ -308,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "--subject", default=None, help="the row the targets are checked for (default: the first strategy's)"
     )
     parser.add_argument("--check-tol", type=float, default=1e-4)
+    parser.add_argument("--lora-fa", action="store_true", help="add a LoRA-FA row (A frozen) of the first strategy")
     args = parser.parse_args(argv)
     points = GRID if args.points == "all" else [p for p in GRID if p.name in args.points.split(",")]
     if not points:
@@ -318,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(HEADER, flush=True)
     results, summary = {}, []
     for p in points:
-        rows, diffs = build_rows(p, strategies, args.check_tol)
+        rows, diffs = build_rows(p, strategies, args.check_tol, args.lora_fa)
         measure(rows, args.rounds, args.warmup)
         lines, ratios = report(p, rows, subject)
         print("\n".join(lines), flush=True)

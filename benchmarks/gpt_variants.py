@@ -86,9 +86,13 @@ class NnxBlock(nnx.Module):
 
 
 def _remat_call(layer: nnx.Module, x: jax.Array) -> jax.Array:
-    """``layer(x)`` recomputed in the backward pass (the block's state is passed in, not closed over)."""
-    graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda s, y: nnx.merge(graphdef, s)(y))(state, x)
+    """``layer(x)`` recomputed in the backward pass, as tunix does it (``nnx.remat`` of the unbound call).
+
+    ``nnx.remat`` keeps the module's identity and path, which qwix's LoRA needs
+    to find its projections (an ``nnx.split``/``merge`` inside ``jax.checkpoint``
+    gives it fresh modules, and qwix adapts none of them).
+    """
+    return nnx.remat(type(layer).__call__)(layer, x)
 
 
 class NnxGPT(nnx.Module):

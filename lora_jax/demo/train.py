@@ -109,8 +109,8 @@ def adapter_loss(model: GPT, task: Task, mode: str) -> Callable[[Any, Any, jax.A
     """The fine-tuning loss ``loss(lora, params, seq)`` of the adapted model.
 
     ``mode="factored"`` runs the model through :func:`lora_jax.factored`
-    (``x·W + s·(x·A)·B``: ``W + BA`` is never formed and ``W`` gets no
-    gradient); ``mode="materialized"`` runs it on :func:`lora_jax.apply_lora`'s
+    (its default strategy: each kernel use as ``x·W + s·(x·A)·B`` or formed per
+    use, and no weight gradient); ``mode="materialized"`` runs it on :func:`lora_jax.apply_lora`'s
     effective weights. Both give the same value and adapter gradients.
     """
     apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731

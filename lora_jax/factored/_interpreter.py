@@ -1,4 +1,8 @@
-"""Factored execution: run a model with ``x·W + s·(x·A)·B``, never forming ``W + BA``.
+"""Factored execution: run a model with ``x·W + s·(x·A)·B`` (or the kernel formed per use) and no weight gradient.
+
+How each use is computed is its strategy (:mod:`lora_jax.factored._strategy`);
+what follows describes the fully factored one, which the others share except
+at ``dot_general`` and ``conv_general_dilated`` uses.
 
 :func:`factored` traces ``fn`` to a jaxpr with ``jax.make_jaxpr`` (the
 parameters are inputs) and evaluates that jaxpr with its own small
@@ -331,8 +335,11 @@ def factored(
 
     ``factored(fn)(params, lora, *args, **kwargs)`` equals
     ``fn(apply_lora(params, lora), *args, **kwargs)`` in value and in its
-    gradients with respect to ``lora``, but each adapted kernel is used as
-    ``x·W + s·(x·A)·B``: ``W + BA`` is never formed and ``W`` gets no gradient.
+    gradients with respect to ``lora``, but no weight gradient is computed:
+    ``W`` gets none, and ``dA``, ``dB`` come from the factors. With
+    ``strategy="factored"`` each adapted kernel is used as ``x·W + s·(x·A)·B``
+    and ``W + BA`` is never formed, not even transiently; the default,
+    ``"auto"``, chooses per use between that and ``"dense"`` (see ``strategy``).
     Works under ``jit``, ``grad``, ``vmap``, ``jax.checkpoint``, ``lax.scan``
     and flax ``nn.scan``, for flax linen (``fn = lambda p, x:
     model.apply({"params": p}, x)``) and NNX (``graphdef, state =
@@ -362,11 +369,17 @@ def factored(
         factored; every such use is reported (``on_materialize`` and ``explain``).
       on_materialize: called at trace time as ``on_materialize(path, primitive)``
         for every materialized use.
-      strategy: how each adapted kernel use is computed: ``"factored"`` (the
-        default: ``W + s·A·B`` is never formed), ``"dense"`` (the kernel formed per
-        use, not saved, with a backward that computes only ``dA`` and ``dB``:
-        measured faster on CPU, see ``benchmarks/bench_models.py``; refuses
-        LoRA dropout) or ``"auto"`` (dense where it is allowed). No strategy
+      strategy: how each adapted kernel use is computed. ``"factored"``:
+        ``x·W + s·(x·A)·B``, ``W + s·A·B`` never formed. ``"dense"``:
+        ``x·(W + s·A·B)`` with the kernel formed per use and not saved, and a
+        backward that computes ``dx`` and only ``dA``, ``dB`` (one dense product
+        instead of the base product plus two thin ones; refuses LoRA dropout).
+        ``"auto"`` (the default): dense for a use with at least
+        ``threshold · 2·in·out / (in + out)`` rows, factored otherwise and
+        wherever LoRA dropout applies; the threshold is measured per backend
+        (``lora_jax.factored._strategy.AUTO_THRESHOLD``,
+        ``benchmarks/bench_models.py``), 1.0 (equal FLOPs) where unmeasured.
+        ``explain`` reports dense uses as ``"dot_general (dense)"``. No strategy
         computes a weight gradient.
       deterministic: evaluate without LoRA dropout. Each adapter records its
         dropout rate (``LoraSpec(dropout=...)``, PEFT's ``lora_dropout``); when
@@ -406,7 +419,7 @@ def factored(
       >>> y = jax.jit(factored(fn))(params, lora, x)
       >>> bool(jnp.allclose(y, fn(apply_lora(params, lora), x), atol=1e-5))
       True
-      >>> factored(fn).explain(params, lora, x)
+      >>> factored(fn, strategy="factored").explain(params, lora, x)
       {'dense/kernel': ('dot_general',)}
     """
     materialize = checks.check_wrapper_args(fn, materialize, on_materialize, deterministic)
