@@ -102,7 +102,7 @@ def build_model(p: Point) -> tuple[nnx.Module, Callable[[nnx.Module, jax.Array],
 
         cfg = GPTConfig(vocab=VOCAB, d_model=p.d, heads=heads, layers=p.layers, d_ff=4 * p.d, max_len=p.seq)
         cfg = dataclasses.replace(cfg, remat=p.remat != "NONE")
-        return PlainNnxGPT(cfg, nnx.Rngs(0)), lambda m, t: m(t)
+        return PlainNnxGPT(cfg, nnx.Rngs(0), tunix_remat=True), lambda m, t: m(t)  # remat as tunix: qwix sees it
     if p.family == "gemma3":
         from tunix.models.gemma3 import model as gemma3
 

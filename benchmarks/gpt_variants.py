@@ -85,20 +85,28 @@ class NnxBlock(nnx.Module):
         return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_mlp(x))))
 
 
-def _remat_call(layer: nnx.Module, x: jax.Array) -> jax.Array:
-    """``layer(x)`` recomputed in the backward pass, as tunix does it (``nnx.remat`` of the unbound call).
+def _remat_call(layer: nnx.Module, x: jax.Array, tunix_style: bool = False) -> jax.Array:
+    """``layer(x)`` recomputed in the backward pass.
 
-    ``nnx.remat`` keeps the module's identity and path, which qwix's LoRA needs
-    to find its projections (an ``nnx.split``/``merge`` inside ``jax.checkpoint``
-    gives it fresh modules, and qwix adapts none of them).
+    By default with ``jax.checkpoint`` over the block's split state (passed in,
+    not closed over), which ``jax.grad`` over a merged model's variables
+    accepts. ``tunix_style``: ``nnx.remat`` of the unbound call, as tunix's
+    models do; it keeps the module's path, which qwix's LoRA needs to find the
+    projections (inside an ``nnx.split``/``merge`` it sees fresh modules and
+    adapts none), but then the variables must be differentiated with
+    ``nnx.value_and_grad`` (``jax.grad`` raises flax's ``TraceContextError``).
     """
-    return nnx.remat(type(layer).__call__)(layer, x)
+    if tunix_style:
+        return nnx.remat(type(layer).__call__)(layer, x)
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda s, y: nnx.merge(graphdef, s)(y))(state, x)
 
 
 class NnxGPT(nnx.Module):
     """The decoder of lora_jax.models.gpt with nnx.LoRALinear on q, k, v, o and the MLP."""
 
     def __init__(self, cfg: GPTConfig, rank: int, rngs: nnx.Rngs):
+        self.tunix_remat = False
         self.tok_embed = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
         self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
         self.layers = nnx.List([NnxBlock(cfg, rank, rngs) for _ in range(cfg.layers)])
@@ -108,7 +116,7 @@ class NnxGPT(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[-1]))
         for layer in self.layers:
-            x = _remat_call(layer, x) if layer.cfg.remat else layer(x)
+            x = _remat_call(layer, x, self.tunix_remat) if layer.cfg.remat else layer(x)
         return self.lm_head(self.ln_final(x)).astype(jnp.float32)
 
 
@@ -127,7 +135,8 @@ class PlainNnxBlock(NnxBlock):
 class PlainNnxGPT(NnxGPT):
     """:class:`NnxGPT` with plain ``nnx.Linear`` layers: the peer's model for ``lora_jax.factored``."""
 
-    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs, tunix_remat: bool = False):
+        self.tunix_remat = tunix_remat  # remat blocks with nnx.remat, as tunix does (see _remat_call)
         self.tok_embed = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
         self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
         self.layers = nnx.List([PlainNnxBlock(cfg, rngs) for _ in range(cfg.layers)])

@@ -98,3 +98,26 @@ def test_auto_with_lora_dropout_runs_factored_with_the_same_masks():
     fac = lora_jax.factored(fn, strategy="factored")(params, lora, x, dropout_rng=key)
     np.testing.assert_array_equal(auto, fac)
     assert not np.allclose(auto, lora_jax.factored(fn, deterministic=True)(params, lora, x))  # dropout did apply
+
+
+@pytest.mark.parametrize("freeze_a", [False, True], ids=["lora", "lora-fa"])
+@pytest.mark.parametrize("strategy", ["dense", "factored"])
+def test_lora_fa_computes_no_gradient_for_a(strategy, freeze_a):
+    """LoRA-FA (A frozen): no product over the tokens yields A's shape; with A trained there is one (observable)."""
+    from _jaxpr_shapes import kernel_shaped_products
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((6, 10)), jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((7, 6)), jnp.float32)
+    fn = lambda p, x: jnp.tanh(x @ p["w"])  # noqa: E731
+    wrapped = lora_jax.factored(fn, strategy=strategy)
+    spec = lora_jax.LoraSpec(rank=2, targets=["w"], init="random", freeze_a=freeze_a)
+    lora = jax.tree.map(lambda v: v + 0.1, lora_jax.init_lora(jax.random.key(0), params, spec))
+    trained, frozen = lora_jax.split(lora)
+    loss = lambda t: jnp.sum(wrapped(params, lora_jax.combine(t, frozen), x))  # noqa: E731
+    found = kernel_shaped_products(jax.make_jaxpr(jax.grad(loss))(trained).jaxpr, {(6, 2), (2, 6)})
+    over_tokens = [p for p in found if p[1] == (7,)]
+    assert bool(over_tokens) == (not freeze_a), (freeze_a, found)
+    ref = lambda t: jnp.sum(fn(lora_jax.apply_lora(params, lora_jax.combine(t, frozen)), x))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(trained)), jax.tree.leaves(jax.grad(ref)(trained)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

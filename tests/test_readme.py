@@ -31,7 +31,7 @@ def test_readme_examples_run(capsys, tmp_path, monkeypatch):
         exec(compile(block, f"README.md:block{k}", "exec"), namespace)
     out = capsys.readouterr().out
     assert "trainable params" in out and "loss" in out
-    assert "{'hidden/kernel': ('dot_general',)}" in out  # the factored block ran
+    assert "{'hidden/kernel': ('dot_general (dense)',)}" in out  # the factored block ran (auto: dense at 256 rows)
 
 
 def test_readme_sharded_example_runs_on_8_devices(tmp_path):
