@@ -41,6 +41,8 @@ from lora_jax.targets._select import partition as partition
 from lora_jax.transforms._apply import apply_lora as apply_lora
 from lora_jax.transforms._apply import merge as merge
 from lora_jax.transforms._apply import unmerge as unmerge
+from lora_jax.transforms._diagnose import diagnose as diagnose
+from lora_jax.transforms._diagnose import subspace_similarity as subspace_similarity
 from lora_jax.transforms._loraplus import loraplus as loraplus
 from lora_jax.transforms._optim import only_adapters as only_adapters
 from lora_jax.transforms._summary import Summary as Summary
