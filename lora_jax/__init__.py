@@ -41,6 +41,7 @@ from lora_jax.targets._select import partition as partition
 from lora_jax.transforms._apply import apply_lora as apply_lora
 from lora_jax.transforms._apply import merge as merge
 from lora_jax.transforms._apply import unmerge as unmerge
+from lora_jax.transforms._delta_lora import delta_lora_update as delta_lora_update
 from lora_jax.transforms._diagnose import diagnose as diagnose
 from lora_jax.transforms._diagnose import subspace_similarity as subspace_similarity
 from lora_jax.transforms._loraplus import loraplus as loraplus
