@@ -44,6 +44,8 @@ from lora_jax.transforms._apply import unmerge as unmerge
 from lora_jax.transforms._delta_lora import delta_lora_update as delta_lora_update
 from lora_jax.transforms._diagnose import diagnose as diagnose
 from lora_jax.transforms._diagnose import subspace_similarity as subspace_similarity
+from lora_jax.transforms._diagnose_report import diagnosis_table as diagnosis_table
+from lora_jax.transforms._diagnose_report import plot_diagnosis as plot_diagnosis
 from lora_jax.transforms._loraplus import loraplus as loraplus
 from lora_jax.transforms._optim import only_adapters as only_adapters
 from lora_jax.transforms._summary import Summary as Summary

@@ -1,4 +1,4 @@
-"""The command line: ``python -m lora_jax {inspect,convert,demo}``.
+"""The command line: ``python -m lora_jax {inspect,convert,diagnose,demo}``.
 
 * ``inspect PATH`` prints the summary table of an adapter: an orbax checkpoint
   (:func:`lora_jax.save_adapter`, or a ``CheckpointManager`` step directory)
@@ -9,6 +9,12 @@
   file: 2-D ``"io"`` kernels at ``module/path/kernel`` (embeddings at
   ``.../embedding``, 4-D Conv2D kernels ``"iiio"``). For multi-axis or stacked
   kernels use :func:`lora_jax.import_peft` with your params and ``name_map``.
+* ``diagnose PATH [--params FILE] [--png OUT]`` prints :func:`lora_jax.diagnose`'s
+  table for a saved adapter (orbax or PEFT). ``--params`` is the base: an
+  orbax checkpoint of the params tree, or a safetensors file whose tensors are
+  named by parameter path (``dense/kernel``) or as torch names them
+  (``dense.weight``, any layout: only ``||W||_F`` is read, which no transpose
+  or reshape changes). Without it, everything but the norm ratio.
 * ``demo ...`` runs :func:`lora_jax.demo.main`.
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors).
@@ -125,6 +131,64 @@ def convert(src: epath.Path, dst: epath.Path, *, name_map: dict | None, overwrit
     return f"wrote orbax checkpoint {dst} from PEFT adapter {src} (kernels as 2-D 'io' at module/path/kernel)"
 
 
+def _load_lora(path: epath.Path) -> Any:
+    from lora_jax.io._orbax_load import load_adapter
+    from lora_jax.io._peft_import import import_peft
+
+    return (load_adapter if detect_format(path) == ORBAX else import_peft)(path)[0]
+
+
+def _base_for(lora: Any, file: epath.Path) -> dict[str, Any]:
+    """``{adapter path: base kernel}`` read from an orbax params checkpoint or a safetensors file."""
+    import numpy as np
+
+    from lora_jax.adapters._lowered import LowRank
+    from lora_jax.adapters._tree import lowered_items
+    from lora_jax.targets._paths import flatten_with_paths
+
+    if file.is_dir():
+        import orbax.checkpoint as ocp
+
+        tensors = flatten_with_paths(ocp.StandardCheckpointer().restore(file))
+    else:
+        from lora_jax.io._safetensors import read_tensors
+
+        tensors = read_tensors(file.read_bytes(), file)
+    out = {}
+    for path, low in lowered_items(lora).items():
+        if not isinstance(low, LowRank):  # a leaf trained in full: diagnose leaves it out
+            continue
+        names = [path, path.replace("/", "."), path.rsplit("/", 1)[0].replace("/", ".") + ".weight"]
+        found = next((n for n in names if n in tensors), None)
+        if found is None:
+            raise KeyError(f"--params {file}: no tensor for {path} (looked for {', '.join(names)})")
+        w = np.asarray(tensors[found])
+        if w.size != int(np.prod(low.kernel_shape)):
+            raise ValueError(
+                f"--params {file}: {found} has shape {w.shape}, but the adapter at {path} fits a kernel of "
+                f"shape {low.kernel_shape}: not the base this adapter was made for"
+            )
+        out[path] = w.reshape(low.kernel_shape)  # only its Frobenius norm is read
+    return out
+
+
+def diagnose_command(path: epath.Path, params: epath.Path | None, png: epath.Path | None) -> str:
+    """The text ``diagnose`` prints (and the PNG it writes)."""
+    from lora_jax.targets._paths import nest
+    from lora_jax.transforms._diagnose import diagnose
+    from lora_jax.transforms._diagnose_report import diagnosis_table, plot_diagnosis
+
+    lora = _load_lora(path)
+    base = nest(_base_for(lora, params)) if params is not None else None
+    report = diagnose(base, lora)
+    text = diagnosis_table(report)
+    if png is not None:
+        text += f"\nwrote {plot_diagnosis(png, report, title=str(path))}"
+    if params is None:
+        text += "\n(no --params: norm ratios need the base weights)"
+    return text
+
+
 def _demo(argv: list[str]) -> int:
     try:
         import lora_jax.demo as demo
@@ -139,7 +203,9 @@ def _demo(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_jax", description="LoRA adapters for JAX: inspect, convert.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_jax", description="LoRA adapters for JAX: inspect, convert, diagnose."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the summary table of an orbax or PEFT adapter")
     p.add_argument("path", type=_path_arg)
@@ -148,6 +214,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=_path_arg)
     p.add_argument("--name-map", type=_path_arg, help="JSON file {param path: torch module name} (orbax -> PEFT)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p = sub.add_parser("diagnose", help="norm ratio, spectrum and effective rank of a saved adapter's kernels")
+    p.add_argument("path", type=_path_arg)
+    p.add_argument("--params", type=_path_arg, help="the base: an orbax params checkpoint or a safetensors file")
+    p.add_argument("--png", type=_path_arg, help="also write the per-kernel plots to this PNG")
     p = sub.add_parser("demo", help="run the demo (arguments are passed on)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -167,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             print(inspect(args.path))
+        elif args.command == "diagnose":
+            print(diagnose_command(args.path, args.params, args.png))
         else:
             name_map = None
             if args.name_map is not None:

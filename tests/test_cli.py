@@ -112,3 +112,42 @@ def test_convert_never_imports_torch(orbax_dir, tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "torch loaded: False"
+
+
+def test_diagnose_prints_the_table_with_and_without_the_base(orbax_dir, tmp_path, capsys):
+    """``diagnose`` on a saved adapter: without --params no norm ratio; with the base as a safetensors file in
+    torch's names and (out, in) layout, or as an orbax params checkpoint, lora_jax.diagnose's own ratios."""
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    path, lora = orbax_dir
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), PARAMS)
+    want = lora_jax.diagnose(params, lora)
+    assert main(["diagnose", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["path", "norm", "ratio"] and out[-1].startswith("(no --params")
+    q = next(line.split() for line in out if line.startswith("model/q_proj/kernel"))
+    assert q[1] == "-" and float(q[2]) == pytest.approx(float(want["model/q_proj/kernel"]["delta_norm"]), rel=1e-3)
+
+    torch_names = {
+        "model.q_proj.weight": np.asarray(params["model"]["q_proj"]["kernel"]).T.copy(),  # torch's (out, in)
+        "model.emb.weight": np.asarray(params["model"]["emb"]["embedding"]),
+    }
+    save_file(torch_names, str(tmp_path / "base.safetensors"))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "base-orbax", params)
+    ckpt.wait_until_finished()
+    png = tmp_path / "diag.png"
+    for base in (tmp_path / "base.safetensors", tmp_path / "base-orbax"):
+        assert main(["diagnose", str(path), "--params", str(base), "--png", str(png)]) == 0
+        rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+        for p in ("model/q_proj/kernel", "model/emb/embedding"):
+            assert float(rows[p][1]) == pytest.approx(float(want[p]["norm_ratio"]), rel=1e-3), (base, p)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    wrong = {**torch_names, "model.q_proj.weight": np.ones((3, 3), np.float32)}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    assert main(["diagnose", str(path), "--params", str(tmp_path / "wrong.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "has shape (3, 3), but the adapter at model/q_proj/kernel fits a kernel of shape (8, 4)" in err
