@@ -52,6 +52,15 @@ def plot_diagnosis(path: str | os.PathLike, report: dict[str, dict[str, Any]], *
 
     Uses matplotlib's Agg canvas (no display, pyplot untouched). Without
     ``norm_ratio`` (no base params) the first panel shows ``||delta||_F``.
+
+    Example:
+      >>> import os, tempfile, jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora, diagnose
+      >>> params = {"dense": {"kernel": jnp.eye(4)}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], init="random"))
+      >>> png = plot_diagnosis(os.path.join(tempfile.mkdtemp(), "d.png"), diagnose(params, lora))
+      >>> png.read_bytes()[:4]
+      b'\x89PNG'
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
