@@ -131,6 +131,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert acc["reloaded_orbax"]["sub"] == acc["reloaded_peft"]["sub"] == acc["adapted"]["sub"]
     assert all(r["checks"].values())
     assert r["pretrain"]["last_loss"] < r["pretrain"]["first_loss"]
+    first, last = r["finetune"]["diagnostics_first"], r["finetune"]["diagnostics_last"]  # recorded every step
+    assert first["norm_ratio"] == 0 and first["grad_ratio"] == 0  # B = 0 at init: no delta, and dA = 0
+    assert last["norm_ratio"] > 0 and last["grad_ratio"] > 0 and last["effective_rank"] >= 1
     assert 0 < r["adapter"]["trainable_percent"] < 100 * r["adapter"]["params"] / r["model"]["params"] + 1e-9
     assert r["adapter"]["bytes"] == 4 * r["adapter"]["params"]
 

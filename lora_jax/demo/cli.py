@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out / "loss_curves.png",
         {f"pretrain: all params, {old.op}": pre.losses, f"LoRA fine-tune ({mode}): {new.op}": ft.losses},
         title=f"lora_jax demo: GPT d_model={cfg.d_model}, {cfg.layers} layers; LoRA rank {args.rank}",
+        diagnostics=ft.metrics,
     )
     model_bytes = _nbytes(params)
     results = {
@@ -253,4 +254,6 @@ def _run_record(steps: int, run: Any) -> dict[str, float]:
         "steps_per_second": run.steps_per_second,
         "first_loss": float(run.losses[0]),
         "last_loss": float(run.losses[-1]),
-    }
+        **({"diagnostics_first": {k: float(v[0]) for k, v in run.metrics.items()},
+            "diagnostics_last": {k: float(v[-1]) for k, v in run.metrics.items()}} if run.metrics else {}),
+    }  # fmt: skip

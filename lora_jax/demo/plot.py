@@ -21,7 +21,9 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
     return (c[k] - c[lo]) / (k - lo)
 
 
-def plot_losses(path: str | os.PathLike, curves: dict[str, np.ndarray], *, title: str = "") -> pathlib.Path:
+def plot_losses(
+    path: str | os.PathLike, curves: dict[str, np.ndarray], *, title: str = "", diagnostics: dict | None = None
+) -> pathlib.Path:
     """Write a PNG with one panel per loss curve (log scale, raw and smoothed).
 
     Uses matplotlib's object API with the Agg canvas, so it needs no display
@@ -35,8 +37,18 @@ def plot_losses(path: str | os.PathLike, curves: dict[str, np.ndarray], *, title
     from matplotlib.figure import Figure
 
     path = pathlib.Path(path)
-    fig = Figure(figsize=(5 * len(curves), 3.6), layout="constrained")
-    for ax, (name, losses) in zip(fig.subplots(1, len(curves), squeeze=False)[0], curves.items(), strict=True):
+    panels = len(curves) + bool(diagnostics)
+    fig = Figure(figsize=(5 * panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    if diagnostics:  # the fine-tune's adapter diagnostics, beside its loss
+        ax = axes[-1]
+        for name, values in diagnostics.items():
+            ax.plot(np.arange(1, len(values) + 1), smooth(values, max(len(values) // 50, 1)), lw=1.5, label=name)
+        ax.axhspan(0.1, 0.3, alpha=0.12, color="green", label="norm ratio 0.1-0.3")
+        ax.set(title="LoRA diagnostics (fine-tune)", xlabel="step", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax, (name, losses) in zip(axes, curves.items(), strict=False):
         steps = np.arange(1, len(losses) + 1)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
         ax.plot(steps, smooth(losses, max(len(losses) // 50, 1)), color="tab:blue", lw=1.8, label="smoothed")

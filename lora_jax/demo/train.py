@@ -36,6 +36,7 @@ class Run:
     losses: np.ndarray  # (steps,) float32
     seconds: float  # wall time of all steps, compile included
     steps_per_second: float  # after the first (compiling) step; nan with fewer than 2 steps
+    metrics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per-step scalars (fine-tuning)
 
 
 def schedule(steps: int, lr: float) -> optax.Schedule:
@@ -57,14 +58,15 @@ def _loop(
     frozen: Any = None,
 ) -> Run:
     rng = np.random.default_rng(seed)
-    losses = []
+    losses, metrics = [], []
     start = time.perf_counter()
     warm = start
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=True) as bar:
         for i in range(steps):
             seq = jnp.asarray(task.batch(rng, batch_size, split="train"))
-            state, opt_state, loss = step(state, opt_state, frozen, seq)
+            state, opt_state, loss, *extra = step(state, opt_state, frozen, seq)
             losses.append(loss)
+            metrics.extend(extra)
             if i == 0:
                 jax.block_until_ready(loss)
                 warm = time.perf_counter()
@@ -75,7 +77,19 @@ def _loop(
     end = time.perf_counter()
     sps = (steps - 1) / (end - warm) if steps > 1 else float("nan")
     losses_np = np.asarray(jax.device_get(jnp.stack(losses)) if losses else np.zeros(0), np.float32)
-    return Run(state=state, losses=losses_np, seconds=end - start, steps_per_second=sps)
+    per_step = {
+        k: np.asarray(jax.device_get(jnp.stack([m[k] for m in metrics]))) for k in (metrics[0] if metrics else {})
+    }
+    return Run(state=state, losses=losses_np, seconds=end - start, steps_per_second=sps, metrics=per_step)
+
+
+def diagnostics(params: Any, lora: Any, grads: Any) -> dict[str, jax.Array]:
+    """The per-step scalars the demo records: :func:`lora_jax.diagnose`'s norm and gradient ratios, averaged
+    over the adapted kernels, and the smallest effective rank."""
+    report = lora_jax.diagnose(params, lora, grads)
+    mean = lambda key: jnp.mean(jnp.stack([jnp.mean(m[key]) for m in report.values() if key in m]))  # noqa: E731
+    ranks = jnp.stack([jnp.min(m["effective_rank"]) for m in report.values()])
+    return {"norm_ratio": mean("norm_ratio"), "grad_ratio": mean("grad_ratio"), "effective_rank": jnp.min(ranks)}
 
 
 def pretrain(
@@ -144,6 +158,8 @@ def finetune(
 
     The gradient is taken with respect to the adapters alone (no base
     gradient, no base optimizer state); ``mode`` is as in :func:`adapter_loss`.
+    Every step also records :func:`diagnostics` (``Run.metrics``), computed
+    from the factors inside the jitted step.
     """
     loss_fn = adapter_loss(model, task, mode)
     tx = lora_jax.only_adapters(optax.adamw(schedule(steps, lr), weight_decay=0.0))
@@ -152,7 +168,7 @@ def finetune(
     def step(lora, opt_state, params, seq):
         loss, grads = jax.value_and_grad(loss_fn)(lora, params, seq)  # gradient wrt the adapters only
         updates, opt_state = tx.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, loss
+        return optax.apply_updates(lora, updates), opt_state, loss, diagnostics(params, lora, grads)
 
     return _loop(
         step,
