@@ -114,7 +114,9 @@ def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> 
             )
         values[path] = flat[path]
     if spec.dora:  # DoRA's magnitude starts as each kernel's norms: the kernels' values go in (init_lora checks them)
-        values.update({path: flat[path] for path in sorted(targets) if not isinstance(flat[path], jax.ShapeDtypeStruct)})
+        values.update(
+            {path: flat[path] for path in sorted(targets) if not isinstance(flat[path], jax.ShapeDtypeStruct)}
+        )
 
     def make(key: jax.Array, values: dict[str, jax.Array]) -> Any:
         full = map_with_paths(lambda path, x: values.get(path, x), abstract)

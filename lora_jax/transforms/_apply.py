@@ -210,15 +210,20 @@ def _check_norms(lora: Any, norms: Any) -> dict:
         return {}
     if norms is None:
         first = next(iter(dora))
+        others = f" (and {len(dora) - 1} other kernel(s))" if len(dora) > 1 else ""
         raise ValueError(
-            f"unmerge: {first} (and {len(dora) - 1} other kernel(s)) is a DoRA adapter, which cannot be unmerged "
+            f"unmerge(norms=None) at {first}: this is a DoRA adapter{others}, which cannot be unmerged "
             f"from the merged weights alone: merging scaled each output unit by m / n, where n is the norm of "
             f"the ORIGINAL W + s·A·B, which the merged weights no longer determine. Merge with "
             f"merged, norms = merge(params, lora, return_norms=True) and unmerge with "
             f"unmerge(merged, lora, norms=norms), or keep the original params (merge is functional)."
         )
     if not isinstance(norms, dict):
-        raise TypeError(expected("unmerge(norms=...)", "a dict {path: norms}", norms, "Pass what merge(..., return_norms=True) returned"))
+        raise TypeError(
+            expected(
+                "unmerge(norms=...)", "a dict {path: norms}", norms, "Pass what merge(..., return_norms=True) returned"
+            )
+        )
     for p, low in dora.items():
         want = tuple(low.magnitude.shape)
         got = norms.get(p)
