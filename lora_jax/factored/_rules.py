@@ -185,13 +185,13 @@ def factored_product(
     return y
 
 
-def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str, g: jax.Array | None = None) -> jax.Array:
-    """``y ∘ g``: DoRA's ``g = m / n`` (or the given ``g``-shaped array) over the axes of ``y`` that carry its letters.
+def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str) -> jax.Array:
+    """``y ∘ g``: DoRA's ``g = m / n`` over the axes of ``y`` that carry its letters.
 
     ``ks`` names the kernel's axes; ``g``'s axes are the kernel's output (and stacked) axes, which must all appear
     in ``ys``.
     """
-    g0 = (lk.g if g is None else g)[0]
+    g0 = lk.g[0]
     gs = "".join(ks[k] for k in lk.b_axes())
     order = [c for c in ys if c in gs]
     g0 = jnp.transpose(g0, [gs.index(c) for c in order])
@@ -199,13 +199,18 @@ def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str, g: jax.Array | None 
     return y * g0.astype(y.dtype)
 
 
-def _dora_pending(base: Callable, branch: Callable, x: jax.Array, dropout: Dropout, scale: Callable) -> Pending:
-    """DoRA's use: ``g∘(x·W) + g∘s·(x·A)·B``; with LoRA dropout PEFT's
-    ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``."""
+def _dora_use(base: Callable, branch: Callable, x: jax.Array, dropout: Dropout, scale: Callable) -> Any:
+    """DoRA's use: ``g∘(x·W + s·(x·A)·B)``; with LoRA dropout PEFT's
+    ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``, computed as ``(x·W - x̃·W) + g∘(x̃·W + s·(x̃·A)·B)``.
+
+    The sum is scaled once, so the backward pass keeps one unscaled output ``u`` for ``dm`` (``dm = Σ dy∘u / n``),
+    not the base and branch outputs separately.
+    """
     xd = dropout(x)
     if xd is x:  # no dropout at this use
-        return Pending(scale(base(x), False), scale(branch(x), False))
-    return Pending(base(x), scale(base(xd), True) + scale(branch(xd), False))
+        return scale(base(x) + branch(x))
+    base_d = base(xd)
+    return Pending(base(x) - base_d, scale(base_d + branch(xd)))
 
 
 def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
@@ -248,11 +253,7 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
         ks, xs = "".join(kl), "".join(xl)
         gs = {kl[k] for k in lk.b_axes()}
         if gs <= set(out):
-
-            def scale(y: jax.Array, minus_one: bool) -> jax.Array:
-                return times_g(y, out, lk, ks, lk.g - 1 if minus_one else None)
-
-            return _dora_pending(bind, lambda x_: branch(x_, lk), x, dropout, scale)
+            return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, lambda y: times_g(y, out, lk, ks))
         if gs <= {xl[i] for i in xc} and dropout(x) is x:  # g on contracted axes (x @ E.T): scale x instead
             xg = times_g(x, xs, lk, ks)
             return Pending(bind(xg), branch(xg, lk))
@@ -291,11 +292,10 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
     if lk.g is not None:  # DoRA: g = m / n on the output feature axis
         feat = dn.out_spec[1]
 
-        def scale(y: jax.Array, minus_one: bool) -> jax.Array:
-            g = (lk.g - 1 if minus_one else lk.g).reshape(-1)
-            return y * jnp.expand_dims(g, [i for i in range(y.ndim) if i != feat]).astype(y.dtype)
+        def scale(y: jax.Array) -> jax.Array:
+            return y * jnp.expand_dims(lk.g.reshape(-1), [i for i in range(y.ndim) if i != feat]).astype(y.dtype)
 
-        return _dora_pending(bind, lambda x_: branch(x_, lk), x, dropout, scale)
+        return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, scale)
     return Pending(bind(x), branch(dropout(x), lk))
 
 
@@ -360,5 +360,5 @@ def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
         y = jnp.broadcast_to(y, base.shape)
     y = y.astype(base.dtype)
     if lk.g is not None:  # DoRA: the gathered rows scaled by g = m / n on the output axes
-        base, y = times_g(base, "".join(out), lk, ks), times_g(y, "".join(out), lk, ks)
+        return times_g(base + y, "".join(out), lk, ks)
     return Pending(base, y)

@@ -305,7 +305,7 @@ def import_peft(
         if any((mg is None) == use_dora for mg in mags):
             raise ValueError(
                 expected(
-                    f"{path}: module {list(names.values())[0]!r}",
+                    f"{path}: module {next(iter(names.values()))!r}",
                     f"{'a' if use_dora else 'no'} {MAGNITUDE} (the config says use_dora={str(use_dora).lower()})",
                     f"{'none' if use_dora else 'one'}",
                     "The adapter files are inconsistent; save them again with PEFT",
