@@ -307,3 +307,26 @@ def test_training_lowers_the_loss():
     for _ in range(20):
         lora = step(lora)
     assert loss(lora) < 0.8 * first
+
+
+def test_factored_in_a_bfloat16_model_agrees_to_bfloat16_rounding():
+    model = nn.Dense(7, dtype=jnp.bfloat16)  # float32 params, the kernel cast to bfloat16 at use
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.bfloat16)
+    params = random_like(jax.eval_shape(model.init, jax.random.key(0), x)["params"], seed=1, std=1.0)
+    lora = random_dora(params, LoraSpec(rank=2, targets=["kernel"], dora=True))
+    fn = lambda p, x_: model.apply({"params": p}, x_)  # noqa: E731
+    got, want = factored(fn)(params, lora, x), fn(apply_lora(params, lora), x)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f64(got), f64(want), rtol=3e-2, atol=3e-2)
+
+
+def test_init_on_sharded_params_gives_m_the_output_sharding():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("model",))
+    kernel = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
+    params = {"d": {"kernel": jax.device_put(kernel, NamedSharding(mesh, P(None, "model")))}}
+    node = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["d"], dora=True))["d"]["kernel"]
+    assert type(node) is DoraWeights and node.m.sharding.spec == P("model")
+    np.testing.assert_allclose(node.m, np.linalg.norm(np.asarray(kernel), axis=0), rtol=1e-6)
