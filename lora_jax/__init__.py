@@ -7,6 +7,7 @@
 >>> effective = lora_jax.apply_lora(params, lora)
 """
 
+from lora_jax.adapters._dora import DoraWeights as DoraWeights
 from lora_jax.adapters._init import init_lora as init_lora
 from lora_jax.adapters._init_base import init_lora_and_base as init_lora_and_base
 from lora_jax.adapters._lowered import LowRank as LowRank
@@ -39,6 +40,7 @@ from lora_jax.spec._spec import LoraSpec as LoraSpec
 from lora_jax.targets._infer import infer_axes as infer_axes
 from lora_jax.targets._select import partition as partition
 from lora_jax.transforms._apply import apply_lora as apply_lora
+from lora_jax.transforms._apply import dora_norms as dora_norms
 from lora_jax.transforms._apply import merge as merge
 from lora_jax.transforms._apply import unmerge as unmerge
 from lora_jax.transforms._delta_lora import delta_lora_update as delta_lora_update

@@ -197,14 +197,22 @@ def test_import_rejects_unknown_keys(params, peft_adapter, tmp_path):
     bad = _edit_tensors(
         path,
         tmp_path / "x",
+        lambda t: t.update({"base_model.model.fc.lora_C.weight": t["base_model.model.fc.lora_B.weight"].copy()}),
+    )
+    with pytest.raises(ValueError, match=r"neither LoRA weights nor modules_to_save: fc\.lora_C\.weight"):
+        lora_jax.import_peft(bad, params, name_map=T.NAME_MAP, axes=T.AXES)
+
+
+def test_import_rejects_a_magnitude_in_a_plain_lora_file(params, peft_adapter, tmp_path):
+    _, path = peft_adapter
+    bad = _edit_tensors(
+        path,
+        tmp_path / "x",
         lambda t: t.update(
             {"base_model.model.fc.lora_magnitude_vector": t["base_model.model.fc.lora_B.weight"][:, 0].copy()}
         ),
     )
-    with pytest.raises(
-        ValueError,
-        match=r"neither LoRA weights nor modules_to_save: base_model.model.fc.lora_magnitude_vector|fc.lora_magnitude_vector",
-    ):
+    with pytest.raises(ValueError, match=r"module 'fc': expected no lora_magnitude_vector \(the config says use_dora"):
         lora_jax.import_peft(bad, params, name_map=T.NAME_MAP, axes=T.AXES)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.adapters._dora import DoraWeights, dora_from
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._svd_init import orthogonal_factors
 from lora_jax.errors._checks import check_key, check_params, check_spec
@@ -67,6 +68,21 @@ def _init_one(key: jax.Array, t: Target, spec: LoraSpec) -> LoraWeights:
     return LoraWeights(a=a, b=b, scale=t.scale, layout=t.layout, kind=t.kind, dropout=spec.dropout, frozen=frozen)
 
 
+def _dora_one(path: str, node: LoraWeights, leaf: Any) -> DoraWeights:
+    """DoRA's node for one kernel: ``m`` = the norm of ``W + s·A·B`` over the input axes (a no-op)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ValueError(
+            expected(
+                f"{path}: LoraSpec(dora=True)",
+                "the kernel's values (DoRA's magnitude m starts as the norm of each output unit's weights)",
+                f"only its shape {tuple(leaf.shape)} (a ShapeDtypeStruct)",
+                "pass the real params, or call init_lora inside jax.jit / jax.eval_shape where params are traced",
+                found_is_text=True,
+            )
+        )
+    return dora_from(node, leaf)
+
+
 def _copy_trainable(path: str, leaf: Any) -> Trainable:
     if isinstance(leaf, jax.ShapeDtypeStruct):
         raise ValueError(
@@ -108,6 +124,8 @@ def init_unsharded(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any
     targets, trainable = resolve(params, spec)
     flat = flatten_with_paths(params)
     out = {path: _init_one(key, t, spec) for path, t in targets.items()}
+    if spec.dora:
+        out = {path: _dora_one(path, node, flat[path]) for path, node in out.items()}
     out.update({path: _copy_trainable(path, flat[path]) for path in trainable})
     return nest(dict(sorted(out.items())))
 
@@ -131,8 +149,9 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
 
     Returns:
       A nested dict mirroring the parameter paths, holding a
-      :class:`LoraWeights` per adapted kernel and a :class:`Trainable` per leaf
-      trained in full.
+      :class:`LoraWeights` per adapted kernel (a :class:`DoraWeights` with
+      ``LoraSpec(dora=True)``) and a :class:`Trainable` per leaf trained in
+      full.
 
     Raises:
       TypeError: if ``key`` is not a PRNG key, ``params`` not a pytree of
@@ -141,7 +160,9 @@ def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:
       ValueError / TypeError: on a bad spec for these params (see
         :class:`LoraSpec`); the message names the parameter path.
       ValueError: for ``init="pissa"``, ``"pissa_niter_N"`` or ``"olora"``,
-        which change the base: use :func:`lora_jax.init_lora_and_base`.
+        which change the base: use :func:`lora_jax.init_lora_and_base`; with
+        ``LoraSpec(dora=True)`` when an adapted kernel is only a shape
+        (DoRA's ``m`` starts as the kernel's norms).
 
     Example:
       >>> import jax, jax.numpy as jnp

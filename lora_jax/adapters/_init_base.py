@@ -168,6 +168,17 @@ def init_lora_and_base(key: jax.Array, params: Any, spec: LoraSpec) -> tuple[Any
     check_spec("init_lora_and_base", spec, order=order)
     if not changes_base(spec.init):
         return params, init_lora(key, params, spec)
+    if spec.dora:
+        raise ValueError(
+            expected(
+                "init_lora_and_base(spec=...)",
+                "LoraSpec(dora=False) with a base-changing init",
+                f"dora=True with init={spec.init!r}",
+                "DoRA on a PiSSA/OLoRA residual base is not supported yet: use dora=True with init='kaiming' "
+                "(init_lora), or PiSSA/OLoRA without DoRA",
+                found_is_text=True,
+            )
+        )
     targets, trainable = resolve(params, spec)
     flat = flatten_with_paths(params)
     for path, t in targets.items():

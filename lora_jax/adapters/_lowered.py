@@ -7,7 +7,10 @@ Every node type (:mod:`lora_jax.adapters._nodes`, or a variant registered with
   ``B (*batch, r, *out)`` laid out by the kernel's layout (see
   :mod:`lora_jax.targets._layout`). LoRA, LoRA-FA, VeRA (``A₀`` sliced, ``B`` =
   ``diag(d)·B₀·diag(b)``), AdaLoRA (``B = diag(E)·Q``) and sums of adapters
-  (factors concatenated along ``r``) are all this form;
+  (factors concatenated along ``r``) are all this form. With a ``magnitude``
+  ``m (*batch, *out)`` (DoRA) the form has a multiplier on the output axes:
+  ``W' = (m / n) * (W + scale * A ⊗ B)``, ``n`` the norm of ``W + scale * A ⊗ B``
+  over the input axes (:func:`norm`), a constant in backprop;
 * :class:`Replace`: ``W' = value`` (a leaf trained in full).
 
 apply, merge/unmerge, :func:`lora_jax.factored`, summary and sharding consume
@@ -44,6 +47,8 @@ class LowRank:
       layout: the kernel layout, e.g. ``"io"``.
       kind: ``"linear"`` or ``"embed"``.
       dropout: the LoRA dropout rate on the adapter's input (factored training).
+      magnitude: ``(*batch, *out)`` or None: DoRA's magnitude ``m``, which makes the
+        effective kernel ``(m / n) * (W + scale * A ⊗ B)`` (see :func:`norm`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -58,6 +63,7 @@ class LowRank:
     layout: str = static_field()
     kind: str = static_field(default="linear")
     dropout: float = static_field(default=0.0)
+    magnitude: jax.Array | None = None
 
     @property
     def rank(self) -> int:
@@ -116,17 +122,56 @@ def _base_array(w: Any) -> jax.Array:
     return w.dequantize() if is_base_leaf(w) else w
 
 
+def norm(low: LowRank, w: jax.Array, dtype: Any = None) -> jax.Array:
+    """``‖W + scale * A ⊗ B‖`` over the input axes, ``(*batch, *out)``, in ``compute_dtype(W)``; no gradient flows.
+
+    DoRA's column norm ``n`` (PEFT's ``weight_norm``), treated as a constant in
+    backprop as in the DoRA paper (§4.3) and PEFT.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> norm(LowRank(jnp.zeros((2, 1)), jnp.zeros((1, 3)), scale=1.0, layout="io"), jnp.full((2, 3), 3.0))
+      Array([4.2426405, 4.2426405, 4.2426405], dtype=float32)
+    """
+    w = _base_array(w)
+    dtype = compute_dtype(w.dtype if dtype is None else dtype)
+    v = w.astype(dtype) + delta(low, dtype)
+    ins = _layout.axes_of(low.layout, "i")
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(v), axis=ins)))
+
+
+def safe_divide(m: jax.Array, n: jax.Array) -> jax.Array:
+    """``m / n`` with ``n == 0`` read as 1: a zero column ``W + s·A·B`` stays zero instead of becoming NaN."""
+    return m / jnp.where(n == 0, jnp.ones((), n.dtype), n)
+
+
+def _on_out_axes(low: LowRank, x: jax.Array) -> jax.Array:
+    """``x (*batch, *out)`` broadcast against the kernel: size-1 input axes inserted."""
+    return jnp.expand_dims(x, _layout.axes_of(low.layout, "i"))
+
+
 def apply_to(low: LowRank | Replace, w: jax.Array) -> jax.Array:
-    """The effective weight: ``W + delta`` added in ``compute_dtype(W)`` and cast once, or the replacement."""
+    """The effective weight: ``W + delta`` added in ``compute_dtype(W)`` and cast once, or the replacement.
+
+    With a magnitude (DoRA): ``(m / n) * (W + delta)``, all in ``compute_dtype(W)``, cast once.
+    """
     w = _base_array(w)
     if isinstance(low, Replace):
         return low.value.astype(w.dtype)
     dtype = compute_dtype(w.dtype)
-    return (w.astype(dtype) + delta(low, dtype)).astype(w.dtype)
+    v = w.astype(dtype) + delta(low, dtype)
+    if low.magnitude is not None:
+        n = norm(low, w)
+        v = _on_out_axes(low, safe_divide(low.magnitude.astype(dtype), n)) * v
+    return v.astype(w.dtype)
 
 
-def remove_from(low: LowRank | Replace, w: jax.Array) -> jax.Array:
-    """``W - delta``: the inverse of :func:`apply_to` up to rounding in ``W``'s dtype."""
+def remove_from(low: LowRank | Replace, w: jax.Array, norms: jax.Array | None = None) -> jax.Array:
+    """``W - delta``: the inverse of :func:`apply_to` up to rounding in ``W``'s dtype.
+
+    A DoRA form (with a magnitude) needs ``norms``, the :func:`norm` of the weights it was applied to:
+    ``W = W' * (n / m) - delta``; without them it raises ``ValueError``.
+    """
     w = _base_array(w)
     if isinstance(low, Replace):
         raise ValueError(
@@ -135,4 +180,17 @@ def remove_from(low: LowRank | Replace, w: jax.Array) -> jax.Array:
             "instead of unmerging."
         )
     dtype = compute_dtype(w.dtype)
-    return (w.astype(dtype) - delta(low, dtype)).astype(w.dtype)
+    v = w.astype(dtype)
+    if low.magnitude is not None:
+        if norms is None:
+            raise ValueError(
+                "a DoRA adapter cannot be unmerged from the merged weights alone: merging scaled each output "
+                "unit by m / n, where n is the norm of the ORIGINAL W + s·A·B, which the merged weights no "
+                "longer determine. Merge with merged, norms = merge(params, lora, return_norms=True) and "
+                "unmerge with unmerge(merged, lora, norms=norms), or keep the original params (merge is "
+                "functional)."
+            )
+        n = jnp.asarray(norms).astype(dtype)
+        m = low.magnitude.astype(dtype)
+        v = v * _on_out_axes(low, jnp.where(m == 0, jnp.zeros((), dtype), n / jnp.where(m == 0, 1, m)))
+    return (v - delta(low, dtype)).astype(w.dtype)

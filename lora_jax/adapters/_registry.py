@@ -305,6 +305,19 @@ def _check_low_rank(low: LowRank, where: str, name: str = "LowRank") -> None:
             f"A (*batch, *in, r) and B (*batch, r, *out) with the same batch sizes and rank (one 'b' per batch axis, "
             f"at least one 'i' and one 'o'). Were the two parts of lora_jax.split taken from different adapters?"
         )
+    if low.magnitude is not None:
+        m = tuple(getattr(low.magnitude, "shape", ()))
+        want = (*a[:nb], *b[nb + 1 :])
+        if not hasattr(low.magnitude, "shape") or m != want:
+            raise ValueError(
+                expected(
+                    f"{where}: the DoRA magnitude m",
+                    f"one value per output unit, shape {want} ((*batch, *out) of the kernel, layout {layout!r})",
+                    f"shape {m}",
+                    "m is the norm of W + s·A·B over the input axes; make it with init_lora(..., LoraSpec(dora=True))",
+                    found_is_text=True,
+                )
+            )
 
 
 def lowered_shape(node: Any, shared: Mapping[str, Any] | None = None, path: str = "") -> LowRank | Replace:

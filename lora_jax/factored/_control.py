@@ -55,12 +55,13 @@ def _scan_slices(x: LazyKernel) -> tuple[tuple[jax.Array, ...], Callable[..., La
     """The arrays to scan over for a lazy kernel stacked along axis 0, and how to rebuild a slice."""
     kind = x.kinds[0]
     b_moved = jnp.moveaxis(x.b, 1, 0) if kind in "bs" else x.b
-    scanned = (x.w, x.a if kind in "as" else None, b_moved if kind in "bs" else None)
-    a_const, b_const = x.a, x.b
+    g_moved = None if x.g is None or kind not in "bs" else jnp.moveaxis(x.g, 1, 0)  # DoRA's m / n, like b
+    scanned = (x.w, x.a if kind in "as" else None, b_moved if kind in "bs" else None, g_moved)
+    a_const, b_const, g_const = x.a, x.b, x.g
 
-    def rebuild(w: jax.Array, a: jax.Array | None, b: jax.Array | None) -> LazyKernel:
-        a, b = a_const if a is None else a, b_const if b is None else b
-        return x.replace(w=w, a=a, b=b, kinds=x.kinds[1:])
+    def rebuild(w: jax.Array, a: jax.Array | None, b: jax.Array | None, g: jax.Array | None) -> LazyKernel:
+        a, b, g = a_const if a is None else a, b_const if b is None else b, g_const if g is None else g
+        return x.replace(w=w, a=a, b=b, g=g, kinds=x.kinds[1:])
 
     return scanned, rebuild
 
@@ -69,7 +70,8 @@ def _stacked(y: Any) -> Any:
     """A scan output stacked from per-step lazy kernels: the step axis is shared by both factors."""
     if not _is_lazy(y):
         return y
-    return y.replace(b=jnp.moveaxis(y.b, 0, 1), kinds=("s", *y.kinds))
+    g = None if y.g is None else jnp.moveaxis(y.g, 0, 1)
+    return y.replace(b=jnp.moveaxis(y.b, 0, 1), g=g, kinds=("s", *y.kinds))
 
 
 def scan(invals: list[Any], params: dict[str, Any], ctx: Any, run: Run) -> list[Any]:

@@ -17,6 +17,12 @@ maps to factor axes without bookkeeping:
 A reshape that merges or splits axes is followed when each merged group lies
 within one factor; anything else raises :class:`FactoredError`.
 
+DoRA: ``g = m / n`` multiplies the output axes (the kernel is ``g ∘ (w + s·a⊗b)``).
+``g`` is stored like ``b`` with a rank axis of size 1, so every layout
+transform mirrors it exactly as it mirrors ``b``. ``n`` is computed by
+:func:`dora_norm` from ``‖W‖²``, ``Wᵀ·A`` and ``(Aᵀ·A, B)``: ``W + s·A·B`` is not
+formed.
+
 A cast of the kernel to a narrower float dtype is deferred: ``w`` keeps its
 stored dtype and ``cast`` records the dtype the model computes the kernel in
 (:meth:`LazyKernel.base` applies it at each use, the factors are cast to it
@@ -58,6 +64,7 @@ class LazyKernel:
     path: str = dataclasses.field(metadata={"static": True})
     cast: Any = dataclasses.field(default=None, metadata={"static": True})  # a narrower dtype, applied at use
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})  # the adapter's LoRA dropout rate
+    g: jax.Array | None = None  # DoRA's m / n, shaped like b with a rank axis of size 1; None for plain LoRA
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -101,7 +108,47 @@ def from_weights(w: jax.Array, node: Any, path: str) -> LazyKernel:
     b_perm = [b_src.index(None)] + [b_src.index(k) for k in sorted([*batch, *outs])]
     a = jnp.transpose(node.a, a_perm)
     b = jnp.transpose(node.b, b_perm)
-    return LazyKernel(jax.lax.stop_gradient(w), a, b, kinds, float(node.scale), path, dropout=float(node.dropout))
+    w = jax.lax.stop_gradient(w)
+    lk = LazyKernel(w, a, b, kinds, float(node.scale), path, dropout=float(node.dropout))
+    if getattr(node, "magnitude", None) is None:
+        return lk
+    m_src = [*batch, *outs]
+    m = jnp.transpose(node.magnitude, [m_src.index(k) for k in sorted(m_src)])
+    n = dora_norm(lk)
+    g = _lowered.safe_divide(m.astype(n.dtype), n)
+    return lk.replace(g=g[None])
+
+
+def dora_norm(lk: LazyKernel) -> jax.Array:
+    """DoRA's ``n = ‖w + s·a⊗b‖`` over the ``"a"`` axes, in ``b``'s axis order without the rank axis; no gradient.
+
+    ``n² = ‖W‖² + 2s·Σ_r (Wᵀ·A)∘B + s²·Σ_{r,q} (Aᵀ·A)_{rq} B_r B_q``: the products are of sizes
+    ``(r, *out)`` and ``(r, r)``, never the kernel's (the only kernel-sized work is reading ``W``).
+    """
+    dtype = _lowered.compute_dtype(lk.w.dtype)
+    base = getattr(lk.w, "dequantize", None)
+    w = (base() if base is not None else lk.w).astype(dtype)
+    a, b = jax.lax.stop_gradient(lk.a).astype(dtype), jax.lax.stop_gradient(lk.b).astype(dtype)
+    names = LETTERS[: len(lk.kinds)]
+    sa, sb = lk.letters(names)
+    outs = sb[1:]
+    shared = "".join(names[k] for k, c in enumerate(lk.kinds) if c == "s")
+    hi = jax.lax.Precision.HIGHEST
+    w2 = jnp.einsum(f"{names},{names}->{outs}", w, w, precision=hi)  # ‖W‖², a contraction: no W²-sized value
+    wa = jnp.einsum(f"{names},{sa}->{sb}", w, a, precision=hi)  # Wᵀ·A, (r, *out)
+    cross = jnp.sum(wa * b, axis=0)
+    q = "y" if "y" not in names else next(c for c in LETTERS if c not in names)
+    sa_q = sa.replace(RANK_LETTER, q)
+    gram = jnp.einsum(f"{sa},{sa_q}->{shared}{RANK_LETTER}{q}", a, a, precision=hi)  # Aᵀ·A, (*shared, r, r)
+    quad = jnp.einsum(f"{shared}{RANK_LETTER}{q},{sb},{sb.replace(RANK_LETTER, q)}->{outs}", gram, b, b, precision=hi)
+    s = jnp.asarray(lk.scale, dtype)
+    n2 = w2 + 2 * s * cross + s * s * quad
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
+
+
+def out_multiplier(lk: LazyKernel) -> jax.Array:
+    """DoRA's ``g`` broadcastable against the kernel (size-1 axes where it has none)."""
+    return jnp.expand_dims(lk.g[0], [k for k, c in enumerate(lk.kinds) if c not in "bs"])
 
 
 def delta(lk: LazyKernel) -> jax.Array:
@@ -117,7 +164,10 @@ def delta(lk: LazyKernel) -> jax.Array:
 def materialize(lk: LazyKernel) -> jax.Array:
     """``w + delta`` added in float32 (float64 for a float64 kernel), cast to ``w.dtype`` once (as ``apply_lora``),
     then to the model's cast."""
-    return (lk.w.astype(_lowered.compute_dtype(lk.w.dtype)) + delta(lk)).astype(lk.w.dtype).astype(lk.dtype)
+    v = lk.w.astype(_lowered.compute_dtype(lk.w.dtype)) + delta(lk)
+    if lk.g is not None:
+        v = out_multiplier(lk).astype(v.dtype) * v
+    return v.astype(lk.w.dtype).astype(lk.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +181,8 @@ def transpose(lk: LazyKernel, perm: tuple[int, ...], new_w: jax.Array) -> LazyKe
     b_pos = {k: i + 1 for i, k in enumerate(lk.b_axes())}
     a_perm = [a_pos[p] for p in perm if lk.kinds[p] in "as"] + [len(a_pos)]
     b_perm = [0] + [b_pos[p] for p in perm if lk.kinds[p] in "bs"]
-    return lk.replace(w=new_w, a=jnp.transpose(lk.a, a_perm), b=jnp.transpose(lk.b, b_perm), kinds=kinds)
+    g = None if lk.g is None else jnp.transpose(lk.g, b_perm)
+    return lk.replace(w=new_w, a=jnp.transpose(lk.a, a_perm), b=jnp.transpose(lk.b, b_perm), kinds=kinds, g=g)
 
 
 def drop_axes(lk: LazyKernel, axes: list[int]) -> LazyKernel:
@@ -141,7 +192,8 @@ def drop_axes(lk: LazyKernel, axes: list[int]) -> LazyKernel:
     a_drop = tuple(a_pos[k] for k in axes if k in a_pos)
     b_drop = tuple(b_pos[k] for k in axes if k in b_pos)
     kinds = tuple(c for k, c in enumerate(lk.kinds) if k not in set(axes))
-    return lk.replace(a=jnp.squeeze(lk.a, a_drop), b=jnp.squeeze(lk.b, b_drop), kinds=kinds)
+    g = None if lk.g is None else jnp.squeeze(lk.g, b_drop)
+    return lk.replace(a=jnp.squeeze(lk.a, a_drop), b=jnp.squeeze(lk.b, b_drop), kinds=kinds, g=g)
 
 
 def to_broadcast_axis(lk: LazyKernel, k: int) -> LazyKernel:
@@ -209,9 +261,10 @@ def reshape(lk: LazyKernel, new_sizes: tuple[int, ...], new_w: jax.Array, primit
             b_shape += new_big[j0:j1]
     a = lk.a.reshape((*a_shape, lk.a.shape[-1]))
     b = lk.b.reshape((lk.b.shape[0], *b_shape))
+    g = None if lk.g is None else lk.g.reshape((1, *b_shape))
     it = iter(kinds_big)
     kinds = tuple("n" if n == 1 else next(it) for n in new_sizes)
-    return lk.replace(w=new_w, a=a, b=b, kinds=kinds)
+    return lk.replace(w=new_w, a=a, b=b, kinds=kinds, g=g)
 
 
 def _reshape_error(lk: LazyKernel, old: Any, new_sizes: tuple[int, ...], primitive: str) -> FactoredError:
@@ -226,7 +279,7 @@ def _reshape_error(lk: LazyKernel, old: Any, new_sizes: tuple[int, ...], primiti
 
 def slice_axes(lk: LazyKernel, starts: list[Any], sizes: list[int], new_w: jax.Array) -> LazyKernel:
     """Slice kernel axis ``k`` to ``[starts[k], starts[k] + sizes[k])`` in the factors too."""
-    a, b = lk.a, lk.b
+    a, b, g = lk.a, lk.b, lk.g
     a_pos = {k: i for i, k in enumerate(lk.a_axes())}
     b_pos = {k: i + 1 for i, k in enumerate(lk.b_axes())}
     for k, (start, size) in enumerate(zip(starts, sizes, strict=True)):
@@ -236,4 +289,6 @@ def slice_axes(lk: LazyKernel, starts: list[Any], sizes: list[int], new_w: jax.A
             a = jax.lax.dynamic_slice_in_dim(a, start, size, a_pos[k])
         if k in b_pos:
             b = jax.lax.dynamic_slice_in_dim(b, start, size, b_pos[k])
-    return lk.replace(w=new_w, a=a, b=b)
+            if g is not None:
+                g = jax.lax.dynamic_slice_in_dim(g, start, size, b_pos[k])
+    return lk.replace(w=new_w, a=a, b=b, g=g)

@@ -106,7 +106,8 @@ def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, An
 def _narrower(new: Any, old: Any) -> bool:
     """Whether float dtype ``new`` holds a subset of ``old``'s values (bfloat16 from float32, not from float16)."""
     floats = jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(old, jnp.floating)
-    return bool(floats) and jnp.promote_types(new, old) == jnp.dtype(old)
+    with jax.numpy_dtype_promotion("standard"):  # promote_types raises under "strict" (bfloat16 with float32)
+        return bool(floats) and jnp.promote_types(new, old) == jnp.dtype(old)
 
 
 def rounding_note(name: str, lk: LazyKernel, params: dict[str, Any]) -> str | None:
@@ -185,6 +186,34 @@ def factored_product(
     return y
 
 
+def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str) -> jax.Array:
+    """``y ∘ g``: DoRA's ``g = m / n`` over the axes of ``y`` that carry its letters.
+
+    ``ks`` names the kernel's axes; ``g``'s axes are the kernel's output (and stacked) axes, which must all appear
+    in ``ys``.
+    """
+    g0 = lk.g[0]
+    gs = "".join(ks[k] for k in lk.b_axes())
+    order = [c for c in ys if c in gs]
+    g0 = jnp.transpose(g0, [gs.index(c) for c in order])
+    g0 = jnp.expand_dims(g0, [i for i, c in enumerate(ys) if c not in gs])
+    return y * g0.astype(y.dtype)
+
+
+def _dora_use(base: Callable, branch: Callable, x: jax.Array, dropout: Dropout, scale: Callable) -> Any:
+    """DoRA's use: ``g∘(x·W + s·(x·A)·B)``; with LoRA dropout PEFT's
+    ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``, computed as ``(x·W - x̃·W) + g∘(x̃·W + s·(x̃·A)·B)``.
+
+    The sum is scaled once, so the backward pass keeps one unscaled output ``u`` for ``dm`` (``dm = Σ dy∘u / n``),
+    not the base and branch outputs separately.
+    """
+    xd = dropout(x)
+    if xd is x:  # no dropout at this use
+        return scale(base(x) + branch(x))
+    base_d = base(xd)
+    return Pending(base(x) - base_d, scale(base_d + branch(xd)))
+
+
 def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
     """``x·W + s·(x·A)·B`` for ``dot_general`` with the kernel on either side (``dense``: see ``_dense``)."""
     lhs, rhs = invals
@@ -217,8 +246,20 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
 
     if dense:
         return dense_use(lax.dot_general_p, params, x, lk, not kernel_rhs, branch)
-    base = lax.dot_general_p.bind(*((x, lk.base()) if kernel_rhs else (lk.base(), x)), **params)
-    return Pending(base, branch(dropout(x), lk))
+
+    def bind(x_: jax.Array) -> jax.Array:
+        return lax.dot_general_p.bind(*((x_, lk.base()) if kernel_rhs else (lk.base(), x_)), **params)
+
+    if lk.g is not None:  # DoRA: g = m / n on the output axes
+        ks, xs = "".join(kl), "".join(xl)
+        gs = {kl[k] for k in lk.b_axes()}
+        if gs <= set(out):
+            return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, lambda y: times_g(y, out, lk, ks))
+        if gs <= {xl[i] for i in xc} and dropout(x) is x:  # g on contracted axes (x @ E.T): scale x instead
+            xg = times_g(x, xs, lk, ks)
+            return Pending(bind(xg), branch(xg, lk))
+        return None  # g runs over output axes that this use partly contracts
+    return Pending(bind(x), branch(dropout(x), lk))
 
 
 def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
@@ -245,8 +286,18 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
 
     if dense:
         return dense_use(lax.conv_general_dilated_p, params, x, lk, False, branch)
-    base = lax.conv_general_dilated_p.bind(x, lk.base(), **params)
-    return Pending(base, branch(dropout(x), lk))
+
+    def bind(x_: jax.Array) -> jax.Array:
+        return lax.conv_general_dilated_p.bind(x_, lk.base(), **params)
+
+    if lk.g is not None:  # DoRA: g = m / n on the output feature axis
+        feat = dn.out_spec[1]
+
+        def scale(y: jax.Array) -> jax.Array:
+            return y * jnp.expand_dims(lk.g.reshape(-1), [i for i in range(y.ndim) if i != feat]).astype(y.dtype)
+
+        return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, scale)
+    return Pending(bind(x), branch(dropout(x), lk))
 
 
 def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
@@ -264,6 +315,8 @@ def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
         return None
     p_kind = kinds.pop()
     if any(slice_sizes[k] != n for k, n in enumerate(lk.shape) if k not in indexed):
+        return None
+    if lk.g is not None and p_kind != "a":  # DoRA's g on the indexed (output) axes: not followed
         return None
     base = lax.gather_p.bind(lk.base(), indices, **params)
     used: set[str] = set(RANK_LETTER)
@@ -306,4 +359,7 @@ def gather(invals: list[Any], params: dict[str, Any]) -> jax.Array | None:
     if known != "".join(out):
         y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
         y = jnp.broadcast_to(y, base.shape)
-    return Pending(base, y.astype(base.dtype))
+    y = y.astype(base.dtype)
+    if lk.g is not None:  # DoRA: the gathered rows scaled by g = m / n on the output axes
+        return times_g(base + y, "".join(out), lk, ks)
+    return Pending(base, y)

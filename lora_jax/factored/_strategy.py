@@ -98,6 +98,14 @@ def use_dense(strategy: str, lk: LazyKernel, dropping: bool, size: tuple[int, in
     """Whether this use of ``lk`` runs dense; raises where ``"dense"`` cannot be honoured (LoRA dropout)."""
     if strategy == "factored":
         return False
+    if lk.g is not None:  # DoRA: the dense rule has no gradient for m yet
+        if strategy == "dense":
+            raise FactoredError(
+                f"{lk.path}: factored(fn, strategy='dense') does not support DoRA adapters yet (its custom "
+                f"backward has no gradient for the magnitude m). Use strategy='factored' (or 'auto', which "
+                f"runs DoRA kernels factored)."
+            )
+        return False
     if dropping:
         if strategy == "dense":
             raise FactoredError(

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._registry import check_whole
 from lora_jax.adapters._tree import adapter_items, items_of
@@ -68,12 +69,12 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
     nodes = adapter_items(lora)
     for p, node in nodes.items():
         check_whole(node, p)  # a part of lora_jax.split is refused first, with its own message
-    items = {p: n for p, n in nodes.items() if type(n) in (LoraWeights, Trainable)}
+    items = {p: n for p, n in nodes.items() if type(n) in (LoraWeights, DoraWeights, Trainable)}
     if not items:
         return
     abstract = {}
     for p, node in items.items():
-        if type(node) is LoraWeights:
+        if type(node) in (LoraWeights, DoraWeights):
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.kernel_shape), "float32")
         else:
             abstract[p] = jax.ShapeDtypeStruct(tuple(node.value.shape), node.value.dtype)
@@ -129,6 +130,7 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
             ("scale", node.scale, t.scale),
             ("dropout", node.dropout, spec.dropout),
             ("frozen", tuple(node.frozen), frozen),
+            ("dora", type(node) is DoraWeights, spec.dora),
         ]
         for name, have, want in checks:
             same = math.isclose(have, want, rel_tol=1e-9) if name in ("scale", "dropout") else have == want
@@ -140,6 +142,7 @@ def check_spec_describes(lora: Any, spec: LoraSpec, fn: str) -> None:
                 "scale": "alpha/alpha_pattern/rslora",
                 "dropout": "dropout",
                 "frozen": "freeze_a",
+                "dora": "dora",
             }[name]
             raise ValueError(
                 expected(
@@ -157,7 +160,7 @@ def _check_by_path(items: dict[str, Any], spec: LoraSpec, where: str) -> None:
     """Rank, scale, dropout and frozen of each LoRA node against the spec's patterns for its path."""
     frozen = ("a",) if spec.freeze_a else ()
     for p, node in items.items():
-        if type(node) is not LoraWeights:
+        if type(node) not in (LoraWeights, DoraWeights):
             continue
         rank = _first(spec.rank_pattern, p, spec.rank)
         alpha = _first(spec.alpha_pattern, p, spec.alpha)
@@ -166,6 +169,7 @@ def _check_by_path(items: dict[str, Any], spec: LoraSpec, where: str) -> None:
             ("scale", node.scale, spec.scale_for(rank, alpha), "alpha/alpha_pattern/rslora"),
             ("dropout", node.dropout, spec.dropout, "dropout"),
             ("frozen", tuple(node.frozen), frozen, "freeze_a"),
+            ("dora", type(node) is DoraWeights, spec.dora, "dora"),
         ]
         for name, have, want, field in checks:
             same = math.isclose(have, want, rel_tol=1e-9) if name in ("scale", "dropout") else have == want

@@ -29,6 +29,9 @@ Layouts (how a flax kernel corresponds to the torch module):
   ``lora_embedding_B (dim, r)``.
 * stacked-layer axes ``"b"``: one module per layer index (see
   :mod:`lora_jax.io._peft_names`).
+* DoRA (:class:`lora_jax.DoraWeights`): ``m`` as ``lora_magnitude_vector``,
+  ``(out_features,)`` (the output axes flattened like ``lora_B``), or
+  ``(1, out, 1, 1)`` for a Conv2d, with ``use_dora: true`` in the config.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._tree import adapter_items, lowered_items
 from lora_jax.io._describes import check_adapter_args, check_spec_describes
@@ -54,6 +58,7 @@ from lora_jax.io._peft_names import (
     EMBED_B,
     LORA_A,
     LORA_B,
+    MAGNITUDE,
     PREFIX,
     WEIGHTS,
     NameMap,
@@ -297,12 +302,25 @@ def export_peft(
         owner[name] = p
 
     lowered_items(lora)  # every node whole (not a part of lora_jax.split) and consistent, before anything is written
+    kinds_of_node = {type(n) for n in adapter_items(lora).values()} - {Trainable}
+    if len(kinds_of_node) > 1:  # PEFT's config has one use_dora flag for all modules
+        first_dora = next(p for p, n in adapter_items(lora).items() if type(n) is DoraWeights)
+        raise ValueError(
+            f"{first_dora}: export_peft writes one adapter_config.json with one use_dora flag, but this adapter "
+            f"mixes DoRA (DoraWeights) and plain LoRA (LoraWeights) nodes. Export them as two adapters."
+        )
+    use_dora = DoraWeights in kinds_of_node
+    if use_dora and initial is not None:
+        raise ValueError(
+            "export_peft(initial=...): PEFT's rank-2r conversion for PiSSA/OLoRA has no DoRA form; export a DoRA "
+            "adapter without initial=."
+        )
     for p, node in adapter_items(lora).items():
-        if type(node) not in (LoraWeights, Trainable):  # PEFT names per node type: each variant brings its own
+        if type(node) not in (LoraWeights, DoraWeights, Trainable):  # PEFT names per node type
             raise TypeError(
                 f"{p}: export_peft has no PEFT codec for {type(node).__name__} nodes; it writes LoraWeights "
-                f"(lora_A/lora_B) and Trainable (modules_to_save) nodes. Merge this adapter instead, or export "
-                f"the other nodes alone."
+                f"(lora_A/lora_B), DoraWeights (plus lora_magnitude_vector) and Trainable (modules_to_save) "
+                f"nodes. Merge this adapter instead, or export the other nodes alone."
             )
         if type(node) is Trainable:
             if fan_in_fan_out and p.rpartition("/")[2] == "kernel":
@@ -321,6 +339,7 @@ def export_peft(
         layout = node.layout
         nb = layout.count("b")
         a, b = (_host_float(x, f"export_peft(lora=...) at {p}/{f}") for f, x in (("a", node.a), ("b", node.b)))
+        mag = _host_float(node.m, f"export_peft(lora=...) at {p}/m") if type(node) is DoraWeights else None
         if first:  # PEFT's conversion for the original base: rank 2r, the same scale
             a0, b0 = (
                 _host_float(x, f"export_peft(initial=...) at {p}/{f}")
@@ -337,6 +356,10 @@ def export_peft(
             la, lb = _lora_tensors(a[idx], b[idx], layout.replace("b", ""), is_conv)
             ka, kb = (EMBED_A, EMBED_B) if node.kind == "embed" else (LORA_A, LORA_B)
             tensors[f"{PREFIX}{name}.{ka}"], tensors[f"{PREFIX}{name}.{kb}"] = la, lb
+            if mag is not None:  # (out,), or (1, out, 1, ...) for a conv (PEFT's DoRA conv layer)
+                mi = mag[idx].reshape(-1)
+                shape = (1, -1, *([1] * (a.ndim - nb - 2))) if is_conv else (-1,)
+                tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(mi.reshape(shape))
             ranks[name], alphas[name] = rank, alpha
     check_spec_describes(lora, spec, "export_peft")  # r, lora_alpha and use_rslora are written from the spec
     targets = sorted(ranks)
@@ -363,7 +386,7 @@ def export_peft(
         "modules_to_save": saved_modules or None,
         # a PiSSA/OLoRA adapter without initial= is for the residual base: PEFT redoes the init on loading
         "init_lora_weights": spec.init if changes_base(spec.init) and not first else True,
-        "use_dora": False,
+        "use_dora": use_dora,
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.errors._messages import expected
 from lora_jax.io._files import as_path
@@ -31,6 +32,7 @@ from lora_jax.io._peft_names import (
     LORA_A,
     LORA_B,
     LORA_PARTS,
+    MAGNITUDE,
     NameMap,
     expand,
     module_name,
@@ -63,10 +65,10 @@ def _split_keys(tensors: dict[str, np.ndarray], saved: list[str]) -> tuple[dict,
 
 
 def _from_peft(name: str, parts: dict[str, np.ndarray], shape: tuple, layout: str, p: str) -> tuple:
-    """(A ``(*in, r)``, B ``(r, *out)``, kind) of one module, checked against the kernel ``shape``."""
+    """(A ``(*in, r)``, B ``(r, *out)``, kind, DoRA's m ``(*out)`` or None) of one module, checked against ``shape``."""
     embed = EMBED_A in parts or EMBED_B in parts
     ka, kb = (EMBED_A, EMBED_B) if embed else (LORA_A, LORA_B)
-    if set(parts) != {ka, kb}:
+    if set(parts) - {MAGNITUDE} != {ka, kb}:
         raise ValueError(f"{p}: PEFT module {name!r} has tensors {sorted(parts)}; expected {ka} and {kb}.")
     la, lb = parts[ka], parts[kb]
     r = la.shape[0]
@@ -83,7 +85,20 @@ def _from_peft(name: str, parts: dict[str, np.ndarray], shape: tuple, layout: st
             f"{shape} with layout {layout!r} (fan-in {math.prod(ins)}, fan-out {math.prod(outs)}). The adapter "
             f"was made for another model, or name_map points this path at the wrong module."
         )
-    return a, b, "embed" if embed else "linear"
+    mag = parts.get(MAGNITUDE)
+    if mag is not None:  # DoRA's m: (out,), or (1, out, 1, ...) for a conv
+        if mag.size != math.prod(outs):
+            raise ValueError(
+                expected(
+                    f"{p}: PEFT module {name!r} {MAGNITUDE}",
+                    f"{math.prod(outs)} values (one per output unit of the kernel {shape})",
+                    f"shape {tuple(mag.shape)}",
+                    "The adapter was made for another model, or name_map points this path at the wrong module",
+                    found_is_text=True,
+                )
+            )
+        mag = mag.reshape(outs)
+    return a, b, "embed" if embed else "linear", mag
 
 
 def _name_or_none(name_map: NameMap, path: str) -> str | None:
@@ -216,9 +231,10 @@ def import_peft(
     if unknown:
         raise ValueError(
             f"{path}: {len(unknown)} tensor(s) are neither LoRA weights nor modules_to_save: "
-            f"{', '.join(unknown[:6])}. lora_jax imports plain LoRA adapters (no DoRA, no LoRA biases)."
+            f"{', '.join(unknown[:6])}. lora_jax imports LoRA and DoRA adapters (no LoRA biases)."
         )
     values = config_values(path / CONFIG, config)
+    use_dora = bool(config.get("use_dora"))
     r0, alpha0, rslora, dropout = values["r"], values["lora_alpha"], values["use_rslora"], values["lora_dropout"]
     rank_pattern, alpha_pattern = values["rank_pattern"], values["alpha_pattern"]
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
@@ -285,9 +301,32 @@ def import_peft(
         a = np.stack([g[0] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][0].shape)
         b = np.stack([g[1] for g in got.values()]).reshape(*shape[:nb], *got[next(iter(got))][1].shape)
         scale = lora_scale(r, alpha, rslora=rslora)
-        out[p] = LoraWeights(
-            jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop(), dropout=dropout
-        )
+        mags = [g[3] for g in got.values()]
+        if any((mg is None) == use_dora for mg in mags):
+            raise ValueError(
+                expected(
+                    f"{path}: module {next(iter(names.values()))!r}",
+                    f"{'a' if use_dora else 'no'} {MAGNITUDE} (the config says use_dora={str(use_dora).lower()})",
+                    f"{'none' if use_dora else 'one'}",
+                    "The adapter files are inconsistent; save them again with PEFT",
+                    found_is_text=True,
+                )
+            )
+        if use_dora:
+            m = np.stack(mags).reshape(*shape[:nb], *mags[0].shape)
+            out[p] = DoraWeights(
+                jnp.asarray(a),
+                jnp.asarray(b),
+                jnp.asarray(m),
+                scale=scale,
+                layout=layout,
+                kind=kinds.pop(),
+                dropout=dropout,
+            )
+        else:
+            out[p] = LoraWeights(
+                jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, kind=kinds.pop(), dropout=dropout
+            )
         used.update(names.values())
         ranks[p], alphas[p], layouts[p] = r, alpha, layout
     full_used: set[tuple[str, str]] = set()
@@ -318,7 +357,7 @@ def import_peft(
         )
     if not out:
         raise ValueError(f"{path}: the PEFT adapter is empty.")
-    dtype = next((x.a.dtype for x in out.values() if type(x) is LoraWeights), jnp.float32)
+    dtype = next((x.a.dtype for x in out.values() if type(x) in (LoraWeights, DoraWeights)), jnp.float32)
     spec = LoraSpec(
         rank=r0,
         alpha=alpha0,
@@ -330,5 +369,6 @@ def import_peft(
         trainable="|".join(re.escape(p) for p in sorted(trainable)) or None,
         dropout=dropout,
         dtype=jnp.dtype(dtype).name,
+        dora=use_dora,
     )
     return nest(dict(sorted(out.items()))), spec

@@ -23,7 +23,8 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's two files
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
 EMBED_A, EMBED_B = "lora_embedding_A", "lora_embedding_B"
-LORA_PARTS = (LORA_A, LORA_B, EMBED_A, EMBED_B)
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
+LORA_PARTS = (LORA_A, LORA_B, EMBED_A, EMBED_B, MAGNITUDE)
 INDEX_FIELDS = ("i", "j", "k")
 
 

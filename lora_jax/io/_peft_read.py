@@ -102,7 +102,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         found = config.get("peft_type") if isinstance(config, dict) else config
         raise ValueError(f"{path / CONFIG}: peft_type is {found!r}; only LORA adapters can be imported.")
     unsupported = {
-        "use_dora": (False, None),
+        "use_dora": (False, True, None),
         "bias": ("none", None),
         "lora_bias": (False, None),
         "layer_replication": (None,),

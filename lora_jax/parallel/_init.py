@@ -103,7 +103,7 @@ def init_lora_sharded(
 def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> tuple[Any, dict[str, Any]]:
     """``(jitted init, its trainable-leaf values)``: the computation :func:`init_lora_sharded` runs."""
     abstract = map_with_paths(_abstract, params)
-    _, trainable = resolve(abstract, spec)
+    targets, trainable = resolve(abstract, spec)
     flat = flatten_with_paths(params)
     values = {}
     for path in sorted(trainable):
@@ -113,6 +113,10 @@ def _sharded_init(params: Any, spec: LoraSpec, *, shardings: Any, mesh: Any) -> 
                 f"value, but params hold only its shape ({type(flat[path]).__name__}). Pass the real array."
             )
         values[path] = flat[path]
+    if spec.dora:  # DoRA's magnitude starts as each kernel's norms: the kernels' values go in (init_lora checks them)
+        values.update(
+            {path: flat[path] for path in sorted(targets) if not isinstance(flat[path], jax.ShapeDtypeStruct)}
+        )
 
     def make(key: jax.Array, values: dict[str, jax.Array]) -> Any:
         full = map_with_paths(lambda path, x: values.get(path, x), abstract)

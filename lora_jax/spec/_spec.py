@@ -171,6 +171,12 @@ class LoraSpec:
         :func:`lora_jax.apply_lora` is the deterministic path.
       freeze_a: LoRA-FA: A stays at its random init and only B trains. A is a
         frozen array of the adapter (see :func:`lora_jax.split`).
+      dora: DoRA (PEFT's ``use_dora``): every adapted kernel also gets a
+        magnitude ``m`` per output unit and becomes
+        ``(m / n) * (W + s·A·B)``, ``n`` the norm of ``W + s·A·B`` over the
+        input axes (a constant in backprop); ``init_lora`` sets ``m = n``
+        (a no-op), which needs the kernels' values. See
+        :class:`lora_jax.DoraWeights`.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -193,6 +199,7 @@ class LoraSpec:
     trainable: Selector = None
     dropout: float = 0.0
     freeze_a: bool = False
+    dora: bool = False
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -278,7 +285,7 @@ class LoraSpec:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(expected("LoraSpec(dropout=...)", "a number in [0, 1)", self.dropout, "E.g. dropout=0.1"))
         put("dropout", float(self.dropout))
-        for name in ("rslora", "freeze_a"):
+        for name in ("rslora", "freeze_a", "dora"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(

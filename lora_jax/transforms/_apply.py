@@ -137,29 +137,118 @@ def _check_finite(params: Any, lora: Any) -> None:
 _apply_op, _remove_op = _lowered.apply_to, _lowered.remove_from
 
 
+def _norms_op(low: Any, w: Any) -> Any:
+    return _lowered.norm(low, w)
+
+
+def _is_dora(low: Any) -> bool:
+    return getattr(low, "magnitude", None) is not None
+
+
+def _dora_paths(lora: Any) -> list[str]:
+    return [p for p, low in lowered_items(lora).items() if _is_dora(low)]
+
+
+def dora_norms(params: Any, lora: Any) -> dict[str, jax.Array]:
+    """DoRA's column norms ``n = ‖W + s·A·B‖`` (over the input axes) of every DoRA kernel, keyed by path.
+
+    What :func:`unmerge` needs to undo a DoRA merge (``merge(..., return_norms=True)`` returns the same).
+
+    Args:
+      params: the base (unmerged) parameter pytree.
+      lora: an adapter tree.
+
+    Returns:
+      ``{path: n}`` with ``n`` of shape ``(*batch, *out)`` in float32 (float64 for a float64 kernel), for the DoRA
+      nodes only.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import LoraSpec, init_lora
+      >>> params = {"dense": {"kernel": jnp.full((4, 3), 0.5)}}
+      >>> lora = init_lora(jax.random.key(0), params, LoraSpec(rank=2, targets=["dense"], dora=True))
+      >>> dora_norms(params, lora)["dense/kernel"]
+      Array([1., 1., 1.], dtype=float32)
+    """
+    check_entry("dora_norms", params, lora)
+    jax.eval_shape(lambda p, lo: _transform(p, lo, _apply_op), params, lora)  # validate paths and shapes first
+    flat = flatten_with_paths(params)
+    return {p: _lowered.norm(low, flat[p]) for p, low in lowered_items(lora).items() if _is_dora(low)}
+
+
 @functools.cache
 def _jitted(op: Callable, donate: bool) -> Callable:
-    """One jitted merge per (op, donate), so repeated merges of same-shaped trees reuse the compilation."""
-    return jax.jit(
-        lambda ws, lora: {p: op(n, ws[p]) for p, n in lowered_items(lora).items()},
-        donate_argnums=(0,) if donate else (),
-    )
+    """One jitted merge per (op, donate), so repeated merges of same-shaped trees reuse the compilation.
+
+    It returns ``(merged, norms)``: DoRA's norms of the input weights (merge) or those given (unmerge) by path.
+    """
+
+    def run(ws: dict, lora: Any, norms: dict) -> tuple[dict, dict]:
+        items = lowered_items(lora)
+        if op is _apply_op:
+            out = {p: _norms_op(n, ws[p]) for p, n in items.items() if _is_dora(n)}
+            return {p: op(n, ws[p]) for p, n in items.items()}, out
+        return {p: op(n, ws[p], norms[p]) if _is_dora(n) else op(n, ws[p]) for p, n in items.items()}, {}
+
+    return jax.jit(run, donate_argnums=(0,) if donate else ())
 
 
-def _merge_like(params: Any, lora: Any, op: Callable, donate: bool) -> Any:
-    jax.eval_shape(lambda p, lo: _transform(p, lo, op), params, lora)  # validate paths and shapes first
+def _merge_like(params: Any, lora: Any, op: Callable, donate: bool, norms: Any = None) -> tuple[Any, dict]:
+    check = (lambda n, w: op(n, w, n.magnitude)) if op is _remove_op else op  # shapes only: any norms will do
+    jax.eval_shape(lambda p, lo: _transform(p, lo, lambda n, w: check(n, w) if _is_dora(n) else op(n, w)), params, lora)
     flat = flatten_with_paths(params)
     if _is_tracing((params, lora)):
         donate = False
-    merged = _jitted(op, donate)({p: flat[p] for p in lowered_items(lora)}, lora)
-    return map_with_paths(lambda p, w: merged.get(p, w), params)
+    merged, out_norms = _jitted(op, donate)({p: flat[p] for p in lowered_items(lora)}, lora, norms or {})
+    return map_with_paths(lambda p, w: merged.get(p, w), params), out_norms
 
 
-def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -> Any:
+def _check_norms(lora: Any, norms: Any) -> dict:
+    """The ``norms`` given to ``unmerge``: one array of shape ``(*batch, *out)`` per DoRA path, or a clear error."""
+    dora = {p: low for p, low in lowered_items(lora).items() if _is_dora(low)}
+    if not dora:
+        return {}
+    if norms is None:
+        first = next(iter(dora))
+        others = f" (and {len(dora) - 1} other kernel(s))" if len(dora) > 1 else ""
+        raise ValueError(
+            f"unmerge(norms=None) at {first}: this is a DoRA adapter{others}, which cannot be unmerged "
+            f"from the merged weights alone: merging scaled each output unit by m / n, where n is the norm of "
+            f"the ORIGINAL W + s·A·B, which the merged weights no longer determine. Merge with "
+            f"merged, norms = merge(params, lora, return_norms=True) and unmerge with "
+            f"unmerge(merged, lora, norms=norms), or keep the original params (merge is functional)."
+        )
+    if not isinstance(norms, dict):
+        raise TypeError(
+            expected(
+                "unmerge(norms=...)", "a dict {path: norms}", norms, "Pass what merge(..., return_norms=True) returned"
+            )
+        )
+    for p, low in dora.items():
+        want = tuple(low.magnitude.shape)
+        got = norms.get(p)
+        if got is None or tuple(getattr(got, "shape", ())) != want:
+            found = "no entry" if got is None else f"shape {tuple(getattr(got, 'shape', ()))}"
+            raise ValueError(
+                expected(
+                    f"unmerge(norms=...) at {p}",
+                    f"DoRA's norms of shape {want}",
+                    found,
+                    "Pass the norms merge(params, lora, return_norms=True) returned for this adapter",
+                    found_is_text=True,
+                )
+            )
+    return {p: norms[p] for p in dora}
+
+
+def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False, return_norms: bool = False) -> Any:
     """Fold the adapter into the base weights for inference: ``W + scale * A @ B``.
 
     Numerically the same as :func:`apply_lora` (float32 update, one cast), with
-    two options for real deployments.
+    two options for real deployments. A DoRA kernel (:class:`lora_jax.DoraWeights`)
+    merges to ``(m / n) * (W + scale * A @ B)``, computed in float32; undoing that
+    needs the norms ``n`` of the original weights: ask for them with
+    ``return_norms=True`` and give them to :func:`unmerge`.
 
     Args:
       params: the base parameter pytree.
@@ -169,9 +258,12 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -
         unusable). Ignored under tracing.
       safe: first check that no merged leaf would hold NaN or inf and raise,
         naming the leaves, before anything is donated. Not usable under ``jit``.
+      return_norms: also return DoRA's norms ``{path: n}`` (see
+        :func:`lora_jax.dora_norms`), which :func:`unmerge` needs for DoRA
+        kernels (``{}`` when the adapter has none).
 
     Returns:
-      The merged parameter pytree.
+      The merged parameter pytree, or ``(merged, norms)`` with ``return_norms=True``.
 
     Raises:
       ValueError: on path/shape mismatches, or with ``safe=True`` on NaN/inf.
@@ -190,23 +282,31 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False) -
         if _is_tracing((params, lora)):
             raise ValueError("merge(safe=True) checks values on the host and cannot run under jit; use safe=False.")
         _check_finite(params, lora)
-    return _merge_like(params, lora, _apply_op, donate)
+    merged, norms = _merge_like(params, lora, _apply_op, donate)
+    return (merged, norms) if return_norms else merged
 
 
-def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
+def unmerge(params: Any, lora: Any, *, donate: bool = False, norms: dict[str, Any] | None = None) -> Any:
     """Undo :func:`merge`: ``W - scale * A @ B`` (exact up to rounding in the base dtype).
+
+    A DoRA kernel is unmerged as ``W' * (n / m) - scale * A @ B``, with ``n``
+    from ``norms`` (the merged weights do not determine it).
 
     Args:
       params: merged parameters.
       lora: the adapter tree that was merged.
       donate: donate the merged buffers (see :func:`merge`).
+      norms: DoRA's norms from ``merge(..., return_norms=True)`` (or
+        :func:`lora_jax.dora_norms` of the original params); required when
+        ``lora`` holds DoRA nodes.
 
     Returns:
       The unmerged parameter pytree.
 
     Raises:
-      ValueError: on path/shape mismatches, or when ``lora`` holds leaves
-        trained in full (their original value is not kept).
+      ValueError: on path/shape mismatches, when ``lora`` holds leaves
+        trained in full (their original value is not kept), or DoRA nodes and
+        ``norms`` is missing or does not fit them.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -218,4 +318,5 @@ def unmerge(params: Any, lora: Any, *, donate: bool = False) -> Any:
       True
     """
     check_entry("unmerge", params, lora)
-    return _merge_like(params, lora, _remove_op, donate)
+    norms = _check_norms(lora, norms)
+    return _merge_like(params, lora, _remove_op, donate, norms)[0]

@@ -4,8 +4,9 @@ The grouping is PEFT's ``create_loraplus_optimizer`` (``peft/optimizers/loraplus
 
 * ``"embedding"``: the factors of an adapter on an embedding table (a node with ``kind="embed"``; PEFT's
   ``lora_embedding_A``/``lora_embedding_B``), at ``embedding_lr``, with weight decay;
-* ``"groupB"``: B (field ``b``) and every other 1-D trainable array (DoRA's magnitude, a trained bias or norm
-  scale), at ``learning_rate * ratio``, with weight decay;
+* ``"groupB"``: B (field ``b``), DoRA's magnitude (field ``m``, whatever its axes, an embedding's too: PEFT's is
+  1-D per layer; PEFT puts a Conv's ``(1, out, 1, 1)`` magnitude in groupA, this puts it here) and every other
+  1-D trainable array (a trained bias or norm scale), at ``learning_rate * ratio``, with weight decay;
 * ``"groupB_no_decay"``: those of them that PEFT does not decay: a path containing ``"bias"`` (PEFT tests the
   parameter's name for it), or a 1-D leaf named ``scale`` (flax's norm layers; PEFT leaves out
   ``nn.LayerNorm`` parameters), at ``learning_rate * ratio``, with no weight decay;
@@ -48,6 +49,8 @@ _WHERE = "loraplus"
 def _leaf_group(node_path: str, kp: tuple, x: Any, embed: bool) -> str:
     """PEFT's group of one trainable array of an adapter node (``kp``: its path inside the node)."""
     ndim = len(np.shape(x))
+    if kp and getattr(kp[0], "name", None) == "m":  # DoRA's magnitude: PEFT's 1-D lora_magnitude_vector of a layer
+        return GROUP_B  # whatever our axes ((heads, head_dim), a stacked layer axis); an embedding's too, as PEFT
     if embed and ndim != 1:
         return EMBEDDING
     if (kp and getattr(kp[0], "name", None) == "b") or ndim == 1:

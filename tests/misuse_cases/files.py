@@ -503,10 +503,10 @@ CASES = [
         r"adapter_config\.json: alpha_pattern\['q'\]: expected a positive number, found int 0",
     ),
     (
-        "import_peft_dora",
+        "import_peft_dora_without_magnitudes",
         lambda: lora_jax.import_peft(_peft(use_dora=True)),
         ValueError,
-        r"adapter_config\.json: use_dora: expected false or null \(a plain LoRA adapter\), found bool True",
+        r"hand: module 'm\.q': expected a lora_magnitude_vector \(the config says use_dora=true\), found none",
     ),
     (
         "import_peft_missing_directory",
