@@ -130,3 +130,20 @@ def test_bad_input_names_the_argument():
         lora_jax.subspace_similarity(lora, lora, i=4)
     with pytest.raises(ValueError, match="adapters of at least one common kernel"):
         lora_jax.subspace_similarity(lora, {"v": lora["w"]})
+
+
+def test_dora_metrics_are_of_the_directional_update_and_the_magnitudes():
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.standard_normal((6, 10)), jnp.float32)}
+    spec = lora_jax.LoraSpec(rank=2, targets=["w"], dora=True, init="random")
+    lora = lora_jax.init_lora(jax.random.key(0), params, spec)
+    lora = jax.tree.map(lambda v: v + jnp.asarray(0.2 * rng.standard_normal(v.shape), v.dtype), lora)
+    m = lora_jax.diagnose(params, lora)["w"]
+    node = lora["w"]
+    delta = node.scale * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+    w = np.asarray(params["w"], np.float64)
+    n_w = np.linalg.norm(w, axis=0)
+    np.testing.assert_allclose(m["norm_ratio"], np.linalg.norm(delta) / np.linalg.norm(w), rtol=1e-5)
+    np.testing.assert_allclose(m["singular_values"], np.linalg.svd(delta, compute_uv=False)[:2], rtol=1e-5)
+    want = np.linalg.norm(np.asarray(node.m, np.float64) - n_w) / np.linalg.norm(n_w)
+    np.testing.assert_allclose(m["magnitude_ratio"], want, rtol=1e-5)

@@ -63,6 +63,16 @@ def _base_norm(w: Any, low: LowRank) -> jax.Array:
     return _norm_over(jnp.transpose(jnp.asarray(w), perm), nb)
 
 
+def _magnitude_ratio(w: Any, low: LowRank) -> jax.Array:
+    """DoRA: ``||m - n_W|| / ||n_W||`` per stacked layer, ``n_W`` the norms of ``W`` over its input axes."""
+    w = w.dequantize() if is_base_leaf(w) else jnp.asarray(w)
+    w = w.astype(compute_dtype(w.dtype))
+    n_w = jnp.sqrt(jnp.sum(w * w, axis=tuple(k for k, c in enumerate(low.layout) if c == "i")))
+    m = low.magnitude.astype(n_w.dtype).reshape(n_w.shape)
+    nb = low.layout.count("b")
+    return _norm_over(m - n_w, nb) / _norm_over(n_w, nb)
+
+
 def _spectrum_metrics(sigma: jax.Array, top_k: int) -> dict[str, jax.Array]:
     total = jnp.sum(sigma, axis=-1, keepdims=True)
     p = jnp.where(total > 0, sigma / jnp.where(total > 0, total, 1), 0)
@@ -92,6 +102,12 @@ def diagnose(params: Any, lora: Any, grads: Any = None, *, top_k: int = 1) -> di
       :class:`~lora_jax.LoraWeights` (A the down-projection from the input
       axes, B the up-projection). Left out where A is frozen (LoRA-FA: it has no
       gradient).
+
+    For DoRA adapters the metrics are those of the directional low-rank
+    update ``s·A·B`` (before the ``m / n`` rescaling), and ``"magnitude_ratio"``
+    (with ``params``) is ``||m - n_W|| / ||n_W||``, ``n_W`` the norms of ``W``
+    over its input axes (what ``m`` starts from): how far training moved the
+    magnitudes. ``grad_ratio`` is still ``||dA|| / ||dB||``.
 
     Nothing of the kernel's ``(in, out)`` size is formed but the one pass over
     ``W`` for its norm: see the module docstring. Jit-able (``top_k`` static).
@@ -137,6 +153,8 @@ def diagnose(params: Any, lora: Any, grads: Any = None, *, top_k: int = 1) -> di
                     )
                 )
             metrics["norm_ratio"] = metrics["delta_norm"] / _base_norm(base[path], low)
+            if low.magnitude is not None:
+                metrics["magnitude_ratio"] = _magnitude_ratio(base[path], low)
         if path in grad_items:
             ga, gb = grad_items[path]
             nb = low.layout.count("b")
