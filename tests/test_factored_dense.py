@@ -121,3 +121,17 @@ def test_lora_fa_computes_no_gradient_for_a(strategy, freeze_a):
     ref = lambda t: jnp.sum(fn(lora_jax.apply_lora(params, lora_jax.combine(t, frozen)), x))  # noqa: E731
     for a, b in zip(jax.tree.leaves(jax.grad(loss)(trained)), jax.tree.leaves(jax.grad(ref)(trained)), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_dense_keeps_a_nan_input_row_to_itself():
+    """The dense rule ties each kernel's forming to its input by an exact zero; a NaN or inf in the input
+    stays in its own row, as with apply_lora (it must not reach the kernel)."""
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)}
+    lora = lora_jax.init_lora(jax.random.key(0), params, lora_jax.LoraSpec(rank=2, targets=["w"], init="random"))
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    for bad in (jnp.nan, jnp.inf):
+        x = jnp.ones((5, 4)).at[0, 0].set(bad)
+        got = jax.jit(lora_jax.factored(fn, strategy="dense"))(params, lora, x)
+        want = fn(lora_jax.apply_lora(params, lora), x)
+        np.testing.assert_allclose(got[1:], want[1:], rtol=1e-6)
+        assert np.all(np.isfinite(got[1:])) and not np.all(np.isfinite(got[0]))

@@ -59,13 +59,13 @@ def dense_use(prim: Any, params: dict[str, Any], x: jax.Array, lk: LazyKernel, k
     def fwd(x_, w, a, b):
         perturbed.update(x=x_.perturbed, a=a.perturbed, b=b.perturbed)
         x_, w, a, b = x_.value, w.value, a.value, b.value
-        return bind(x_, form(w, a, b)), (x_, w, a, b)
+        return bind(x_, form(w, _after(x_, a), b)), (x_, w, a, b)
 
     def bwd(res, g):
         x_, w, a, b = res
         dx = None
         if perturbed["x"]:
-            k = form(w, a, b)
+            k = form(w, _after(g, a), b)
             (dx,) = jax.vjp(lambda xx: bind(xx, k), x_)[1](g)
         want = [f for f in "ab" if perturbed[f]]
         grads = dict.fromkeys("ab")
@@ -81,3 +81,19 @@ def dense_use(prim: Any, params: dict[str, Any], x: jax.Array, lk: LazyKernel, k
 
     use.defvjp(fwd, bwd, symbolic_zeros=True)
     return use(x, lk.w, lk.a, lk.b)
+
+
+def _after(dep: jax.Array, a: jax.Array) -> jax.Array:
+    """``a`` plus an exact zero computed from ``dep``, so the kernel is formed where ``dep`` is there: at its use.
+
+    Without the dependency XLA forms every kernel as soon as the parameters
+    are there (all at the start of the step, all alive at once) and may merge
+    the backward's forming with the forward's: the memory of ``apply_lora``.
+    The zero is ``dep[0]·0`` for a finite ``dep[0]`` and ``0`` otherwise, so a
+    NaN or inf in the input does not spread into the kernel.
+    """
+    import jax.numpy as jnp
+
+    first = dep.reshape(-1)[0]
+    zero = jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype))
+    return a + zero.astype(a.dtype)

@@ -31,11 +31,10 @@ STRATEGIES = ("auto", "factored", "dense")
 # "auto" runs a use dense when rows >= THRESHOLD * 2·in·out / (in + out). At 1.0 that is where the two
 # strategies' FLOPs are equal: dense adds two kernel formings (r·in·out each, forward and backward) and
 # saves one activation-sized thin product pair (rows·r·(in + out)). Per backend, measured with
-# benchmarks/bench_models.py --strategies auto:0.5,auto:1,auto:2,... (see benchmarks/README.md); a backend
-# not listed uses the FLOP rule. CPU: thresholds 0 (always dense), 0.5, 1 and 2 were timed on the grid; below
-# the break-even dense is still faster but holds formed kernels (1.13x the smaller peer's peak at 128
-# tokens), above it dense wins time and memory; 1.0 keeps the memory and costs time only at the fewest rows.
-AUTO_THRESHOLD = {"cpu": 1.0}
+# benchmarks/bench_models.py --strategies auto:0,auto:0.25,auto:0.5,auto:1,factored (benchmarks/README.md);
+# a backend not listed uses the FLOP rule. CPU: dense wins time and memory well below the FLOP break-even
+# (at 128 tokens on d=256 kernels) but loses at 16 tokens; 0.25 runs both of those the faster way.
+AUTO_THRESHOLD = {"cpu": 0.25}
 FLOP_THRESHOLD = 1.0
 
 
