@@ -50,7 +50,7 @@ def build_rows(cfg: GPTConfig, rank: int, batch: int, seed: int = 0) -> list[Row
     )
     tx = optax.adam(1e-4)
     apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
-    fac_apply = lora_jax.factored(apply)
+    fac_apply = lora_jax.factored(apply, strategy="factored")  # the rows compare the fully factored strategy
     fac = _train_step(lambda lo, p, t: cross_entropy(fac_apply(p, lo, t), t), tx)
     mat = _train_step(lambda lo, p, t: cross_entropy(apply(lora_jax.apply_lora(p, lo), t), t), tx)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (each row owns its donated buffers)

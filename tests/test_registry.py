@@ -284,10 +284,12 @@ def test_shared_section_applies_and_merges_against_float64_closed_form():
         np.testing.assert_allclose(f64(back[path]["kernel"]), f64(SHARED_PARAMS[path]["kernel"]), atol=1e-6)
 
 
-def test_shared_section_runs_factored_with_the_same_values_and_gradients_and_no_shared_gradient():
+@pytest.mark.parametrize("strategy", ["factored", "dense"])
+def test_shared_section_runs_factored_with_the_same_values_and_gradients_and_no_shared_gradient(strategy):
     lora = _shared_lora()
-    ref = jax.value_and_grad(lambda lo: _shared_model(apply_lora(SHARED_PARAMS, lo), X_SHARED))(lora)
-    got = jax.jit(jax.value_and_grad(lambda lo: lora_jax.factored(_shared_model)(SHARED_PARAMS, lo, X_SHARED)))(lora)
+    ref = jax.jit(jax.value_and_grad(lambda lo: _shared_model(apply_lora(SHARED_PARAMS, lo), X_SHARED)))(lora)
+    wrapped = lora_jax.factored(_shared_model, strategy=strategy)
+    got = jax.jit(jax.value_and_grad(lambda lo: wrapped(SHARED_PARAMS, lo, X_SHARED)))(lora)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
     for path in ("q", "v"):
         for name in ("d", "b"):

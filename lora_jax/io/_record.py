@@ -89,7 +89,7 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
 
 
-def drain_failed_reads(*, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+def drain_failed_reads(*, quiet_s: float = 1.0, limit_s: float = 5.0) -> None:
     """Let the reads of a failed orbax restore finish, dropping their "Event loop is closed" callbacks.
 
     orbax runs a restore on a fresh event loop and closes it when the first
