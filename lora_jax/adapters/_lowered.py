@@ -116,13 +116,20 @@ def _base_array(w: Any) -> jax.Array:
     return w.dequantize() if is_base_leaf(w) else w
 
 
+def _base_in(w: Any, dtype: Any) -> jax.Array:
+    # a base leaf whose dequantize takes a dtype (lora_jax.QuantizedKernel) dequantizes straight into the compute
+    # dtype, so W + delta is rounded once; others dequantize into their own dtype first
+    if is_base_leaf(w) and getattr(w, "dequantize_into_dtype", False):
+        return w.dequantize(dtype)
+    return _base_array(w).astype(dtype)
+
+
 def apply_to(low: LowRank | Replace, w: jax.Array) -> jax.Array:
     """The effective weight: ``W + delta`` added in ``compute_dtype(W)`` and cast once, or the replacement."""
-    w = _base_array(w)
     if isinstance(low, Replace):
         return low.value.astype(w.dtype)
     dtype = compute_dtype(w.dtype)
-    return (w.astype(dtype) + delta(low, dtype)).astype(w.dtype)
+    return (_base_in(w, dtype) + delta(low, dtype)).astype(w.dtype)
 
 
 def remove_from(low: LowRank | Replace, w: jax.Array) -> jax.Array:

@@ -76,6 +76,8 @@ class QuantizedKernel:
     dtype_name: str = _static()
     layout: str = _static()
 
+    dequantize_into_dtype = True  # apply_lora calls dequantize(float32): W + delta is rounded once
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The logical (dequantized) kernel shape."""
