@@ -135,3 +135,19 @@ def test_already_quantized_leaf_is_refused_with_a_hint():
         TypeError, match=r"k/kernel: quantize: expected a float array kernel.*already quantized.*exclude"
     ):
         lora_jax.quantize(q)
+
+
+def test_targets_that_match_nothing_name_quantize_and_the_nearest_paths():
+    with pytest.raises(ValueError, match=r"quantize\(targets=\['nope'\]\) matched no kernel.*dense/kernel"):
+        lora_jax.quantize({"dense": {"kernel": jnp.ones((64, 8))}}, targets=["nope"])
+
+
+def test_a_multi_axis_kernel_without_axes_asks_for_them():
+    with pytest.raises(ValueError, match=r"(?s)quantize\(axes=.*q/kernel: kernel of shape \(64, 4, 16\)"):
+        lora_jax.quantize({"q": {"kernel": jnp.ones((64, 4, 16))}})
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"block_size": 63}, "even int"), ({"double_quant": 1}, "True or False")])
+def test_bad_options_are_named(kw, match):
+    with pytest.raises((TypeError, ValueError), match=rf"quantize\({next(iter(kw))}=...\): expected .*{match}"):
+        lora_jax.quantize({"dense": {"kernel": jnp.ones((64, 8))}}, **kw)

@@ -120,7 +120,10 @@ def quantize(
             if selector_matches(targets, path, leaf) and not jnp.issubdtype(dtype, jnp.floating):
                 raise TypeError(expected(f"{path}: quantize(targets=...)", "a float kernel", leaf,
                                          "only float kernels are quantized; narrow targets or add it to exclude"))  # fmt: skip
-    chosen, _ = resolve(params, LoraSpec(rank=1, targets=targets, exclude=exclude, axes=axes))
+    try:
+        chosen, _ = resolve(params, LoraSpec(rank=1, targets=targets, exclude=exclude, axes=axes))
+    except (TypeError, ValueError) as e:  # the selection rules are LoraSpec's; the arguments are quantize's
+        raise type(e)(str(e).replace("LoraSpec(", "quantize(")) from None
     for path, target in chosen.items():
         _check_leaf(path, flat[path], target.shape, target.layout, block_size)
 
