@@ -36,7 +36,8 @@ def quantize_blocks(x: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.Arr
     if fmt == "int8":
         return jnp.round(scaled * 127.0).astype(jnp.int8), absmax
     bounds, codes = bucket_bounds(fmt)
-    q = jnp.asarray(codes)[jnp.searchsorted(jnp.asarray(bounds), scaled, side="left")]
+    bucket = sum((scaled > b).astype(jnp.uint8) for b in bounds)  # how many bounds lie below: one fused pass
+    q = jnp.asarray(codes)[bucket]
     pairs = q.reshape(*lead, n // 2, 2)
     return (pairs[..., 0] << 4) | pairs[..., 1], absmax
 

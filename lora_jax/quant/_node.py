@@ -64,6 +64,13 @@ class QuantizedKernel:
       logical_shape: the kernel's shape (flax layout).
       dtype_name: the kernel's dtype, that :meth:`dequantize` returns.
       layout: the kernel's layout letters (``"io"`` for Dense).
+
+    Example:
+      >>> import jax, lora_jax
+      >>> q = lora_jax.quantize({"dense": {"kernel": jax.random.normal(jax.random.key(0), (256, 64))}})
+      >>> k = q["dense"]["kernel"]
+      >>> k.shape, k.codes.shape, k.absmax.shape, k.nbytes / (256 * 64)
+      ((256, 64), (64, 128), (64, 4), 0.51611328125)
     """
 
     codes: jax.Array
