@@ -72,7 +72,9 @@ class Summary:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
-        head = ("path", "kind", "kernel", "layout", "rank", "scale", "adapter", "params", "bytes", "base bytes")
+        quantized = any(r.base_format for r in self.rows)  # a "base bytes" column only for a quantized base
+        head = ("path", "kind", "kernel", "layout", "rank", "scale", "adapter", "params", "bytes")
+        head += ("base bytes",) if quantized else ()
         body = [
             (
                 r.path,
@@ -84,8 +86,8 @@ class Summary:
                 r.adapter_shapes,
                 f"{r.params:,}",
                 f"{r.bytes:,}",
-                "-" if r.base_bytes is None else f"{r.base_bytes:,}" + (f" {r.base_format}" if r.base_format else ""),
             )
+            + ((_base_cell(r),) if quantized else ())
             for r in self.rows
         ]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
@@ -139,6 +141,10 @@ def summary(params: Any, lora: Any) -> Summary:
         trainable_bytes=sum(r.bytes for r in rows),
         frozen_params=sum(r.frozen_params for r in rows) + sum(math.prod(x.shape) for x in shared_arrays),
     )
+
+
+def _base_cell(r: SummaryRow) -> str:
+    return "-" if r.base_bytes is None else f"{r.base_bytes:,}" + (f" {r.base_format}" if r.base_format else "")
 
 
 def _with_base(row: SummaryRow, base: Any) -> SummaryRow:
