@@ -34,6 +34,10 @@ from lora_jax.parallel._init import init_lora_sharded as init_lora_sharded
 from lora_jax.parallel._optimizer import optimizer_shardings as optimizer_shardings
 from lora_jax.parallel._sharding import adapter_partition_specs as adapter_partition_specs
 from lora_jax.parallel._sharding import adapter_shardings as adapter_shardings
+from lora_jax.quant._node import QuantizedKernel as QuantizedKernel
+from lora_jax.quant._sharding import quantized_shardings as quantized_shardings
+from lora_jax.quant._tree import dequantize as dequantize
+from lora_jax.quant._tree import quantize as quantize
 from lora_jax.spec._json import spec_from_json as spec_from_json
 from lora_jax.spec._json import spec_to_json as spec_to_json
 from lora_jax.spec._spec import LoraSpec as LoraSpec

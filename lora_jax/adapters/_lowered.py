@@ -150,18 +150,25 @@ def _on_out_axes(low: LowRank, x: jax.Array) -> jax.Array:
     return jnp.expand_dims(x, _layout.axes_of(low.layout, "i"))
 
 
+def _base_in(w: Any, dtype: Any) -> jax.Array:
+    # a base leaf whose dequantize takes a dtype (lora_jax.QuantizedKernel) dequantizes straight into the compute
+    # dtype, so W + delta is rounded once; others dequantize into their own dtype first
+    if is_base_leaf(w) and getattr(w, "dequantize_into_dtype", False):
+        return w.dequantize(dtype)
+    return _base_array(w).astype(dtype)
+
+
 def apply_to(low: LowRank | Replace, w: jax.Array) -> jax.Array:
     """The effective weight: ``W + delta`` added in ``compute_dtype(W)`` and cast once, or the replacement.
 
     With a magnitude (DoRA): ``(m / n) * (W + delta)``, all in ``compute_dtype(W)``, cast once.
     """
-    w = _base_array(w)
     if isinstance(low, Replace):
         return low.value.astype(w.dtype)
     dtype = compute_dtype(w.dtype)
-    v = w.astype(dtype) + delta(low, dtype)
+    v = _base_in(w, dtype) + delta(low, dtype)
     if low.magnitude is not None:
-        n = norm(low, w)
+        n = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(v), axis=_layout.axes_of(low.layout, "i"))))
         v = _on_out_axes(low, safe_divide(low.magnitude.astype(dtype), n)) * v
     return v.astype(w.dtype)
 

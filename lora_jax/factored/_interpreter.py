@@ -67,6 +67,7 @@ from lora_jax.factored._eager import Program
 from lora_jax.factored._eager import join_args as _join_args
 from lora_jax.factored._eager import split_args as _split_args
 from lora_jax.factored._lazy import FactoredError, LazyKernel
+from lora_jax.factored._quantized import dequantized_params
 from lora_jax.targets._paths import path_str
 from lora_jax.transforms._apply import apply_lora
 
@@ -267,6 +268,7 @@ class Factored:
 
     def _run(self, params, lora, args, kwargs, dropout_rng, report, program=None, capture=None, check=True) -> Any:
         jax.eval_shape(apply_lora, params, lora)  # validates paths and shapes, with clear errors
+        params = dequantized_params(params)  # quantized bases (lora_jax.quantize): see factored/_quantized.py
         items = lowered_items(lora)  # every node in its one lowered form; frozen arrays under stop_gradient
         flat, pdef = jax.tree_util.tree_flatten_with_path(params)
         leaves, inputs = [], []

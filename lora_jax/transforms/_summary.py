@@ -35,6 +35,8 @@ class SummaryRow:
     params: int
     bytes: int
     frozen_params: int = 0
+    base_bytes: int | None = None  # the bytes the base kernel stores (a quantized one: codes and scales)
+    base_format: str = ""  # a quantized base kernel's format ("nf4", ...), else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,9 @@ class Summary:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
+        quantized = any(r.base_format for r in self.rows)  # a "base bytes" column only for a quantized base
         head = ("path", "kind", "kernel", "layout", "rank", "scale", "adapter", "params", "bytes")
+        head += ("base bytes",) if quantized else ()
         body = [
             (
                 r.path,
@@ -83,6 +87,7 @@ class Summary:
                 f"{r.params:,}",
                 f"{r.bytes:,}",
             )
+            + ((_base_cell(r),) if quantized else ())
             for r in self.rows
         ]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
@@ -126,7 +131,7 @@ def summary(params: Any, lora: Any) -> Summary:
     check_params("summary", params, order="summary(params, lora)", empty_ok=True)  # {}: the adapter alone
     flat = {p: x for p, x in flatten_with_paths(params).items() if hasattr(x, "shape")}
     shared = shared_section(lora)
-    rows = [_row(path, node, shared) for path, node in items.items()]
+    rows = [_with_base(_row(path, node, shared), flat.get(path)) for path, node in items.items()]
     shared_arrays = [x for x in jax.tree_util.tree_leaves(shared) if hasattr(x, "shape")]
     return Summary(
         rows=tuple(rows),
@@ -135,6 +140,18 @@ def summary(params: Any, lora: Any) -> Summary:
         trainable_params=sum(r.params for r in rows),
         trainable_bytes=sum(r.bytes for r in rows),
         frozen_params=sum(r.frozen_params for r in rows) + sum(math.prod(x.shape) for x in shared_arrays),
+    )
+
+
+def _base_cell(r: SummaryRow) -> str:
+    return "-" if r.base_bytes is None else f"{r.base_bytes:,}" + (f" {r.base_format}" if r.base_format else "")
+
+
+def _with_base(row: SummaryRow, base: Any) -> SummaryRow:
+    if base is None:
+        return row
+    return dataclasses.replace(
+        row, base_bytes=_nbytes(base), base_format=str(getattr(base, "format", "")) if is_base_leaf(base) else ""
     )
 
 

@@ -1,0 +1,57 @@
+"""Blockwise absmax quantization of a flat run of values, in bitsandbytes' layout.
+
+Blocks of ``block_size`` consecutive values; each block keeps its float32
+absmax and every value its code for ``x * (1 / absmax)`` (clamped to [-1, 1]).
+4-bit codes are packed two per byte, the first value in the high nibble, as
+bitsandbytes' ``quantize_4bit`` packs them; int8 codes are ``round(127 x)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.quant._codebooks import FOUR_BIT, bucket_bounds, code_book
+
+_TINY = 1e-38  # bitsandbytes' floor on an absmax, so an all-zero block scales by a finite number
+
+
+def _scaled(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    inv = 1.0 / jnp.maximum(absmax, jnp.float32(_TINY))
+    return jnp.clip(blocks * inv[..., None], -1.0, 1.0), absmax
+
+
+def quantize_blocks(x: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Quantize ``x`` (its last axis a multiple of ``block_size``) block by block along the last axis.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes of shape ``(..., n // 2)`` (4-bit, packed) or int8
+      ``(..., n)`` (int8), and float32 absmax of shape ``(..., n // block_size)``.
+    """
+    *lead, n = x.shape
+    blocks = x.astype(jnp.float32).reshape(*lead, n // block_size, block_size)
+    scaled, absmax = _scaled(blocks)
+    scaled = scaled.reshape(*lead, n)
+    if fmt == "int8":
+        return jnp.round(scaled * 127.0).astype(jnp.int8), absmax
+    bounds, codes = bucket_bounds(fmt)
+    bucket = sum((scaled > b).astype(jnp.uint8) for b in bounds)  # how many bounds lie below: one fused pass
+    q = jnp.asarray(codes)[bucket]
+    pairs = q.reshape(*lead, n // 2, 2)
+    return (pairs[..., 0] << 4) | pairs[..., 1], absmax
+
+
+def unpack_4bit(codes: jax.Array) -> jax.Array:
+    """The 4-bit codes of packed bytes, high nibble first: ``(..., m) -> (..., 2 m)``."""
+    pairs = jnp.stack([codes >> 4, codes & 0xF], axis=-1)
+    return pairs.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+
+
+def dequantize_blocks(codes: jax.Array, absmax: jax.Array, *, fmt: str, block_size: int) -> jax.Array:
+    """float32 values ``code_value * absmax`` of :func:`quantize_blocks`' output."""
+    four_bit = fmt in FOUR_BIT
+    values = jnp.asarray(code_book(fmt))[unpack_4bit(codes)] if four_bit else codes.astype(jnp.float32) / 127.0
+    *lead, n = values.shape
+    blocks = values.reshape(*lead, n // block_size, block_size)
+    return (blocks * absmax[..., None].astype(jnp.float32)).reshape(*lead, n)
