@@ -147,3 +147,9 @@ def test_dora_metrics_are_of_the_directional_update_and_the_magnitudes():
     np.testing.assert_allclose(m["singular_values"], np.linalg.svd(delta, compute_uv=False)[:2], rtol=1e-5)
     want = np.linalg.norm(np.asarray(node.m, np.float64) - n_w) / np.linalg.norm(n_w)
     np.testing.assert_allclose(m["magnitude_ratio"], want, rtol=1e-5)
+
+
+def test_a_base_kernel_of_another_shape_is_refused():
+    _, params, lora = _case("io")
+    with pytest.raises(ValueError, match=r"diagnose\(params=...\) at w: expected a kernel of shape \(6, 10\)"):
+        lora_jax.diagnose({"w": params["w"][:, :9]}, lora)

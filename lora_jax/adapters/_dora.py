@@ -27,14 +27,13 @@ from typing import Any
 import jax
 
 from lora_jax.adapters import _lowered
-from lora_jax.adapters._lowered import LowRank, static_field
+from lora_jax.adapters._lowered import FactorShapes, LowRank, static_field
 from lora_jax.adapters._registry import lower, register_adapter
-from lora_jax.targets import _layout
 
 
 @register_adapter(name="dora")
 @dataclasses.dataclass(frozen=True)
-class DoraWeights:
+class DoraWeights(FactorShapes):
     """A DoRA adapter for one kernel: ``W' = (m / n) * (W + scale * A @ B)``.
 
     Attributes:
@@ -87,16 +86,6 @@ class DoraWeights:
     def field_axes(self) -> dict[str, str]:
         """A is ``(*batch, *in, r)``, B is ``(*batch, r, *out)``, m is ``(*batch, *out)``."""
         return {"a": "BIr", "b": "BrO", "m": "BO"}
-
-    @property
-    def rank(self) -> int:
-        """The rank ``r``."""
-        return self.a.shape[-1]
-
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        """The shape of the kernel this adapter fits."""
-        return _layout.kernel_shape(self.layout, tuple(self.a.shape), tuple(self.b.shape))
 
     def delta(self) -> jax.Array:
         """``scale * A @ B`` in float32, in the kernel's axis order (the direction's update, before ``m / n``)."""

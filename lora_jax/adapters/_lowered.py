@@ -35,9 +35,28 @@ def static_field(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
+class FactorShapes:
+    """``rank`` and ``kernel_shape`` of anything with factors ``a (*batch, *in, r)``, ``b (*batch, r, *out)``
+    and a ``layout``: the lowered form and the low-rank node types share them."""
+
+    a: jax.Array
+    b: jax.Array
+    layout: str
+
+    @property
+    def rank(self) -> int:
+        """The rank ``r``."""
+        return self.a.shape[-1]
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the kernel the factors fit."""
+        return _layout.kernel_shape(self.layout, tuple(self.a.shape), tuple(self.b.shape))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(FactorShapes):
     """``W' = W + scale * A ⊗ B`` (see the module docstring).
 
     Attributes:
@@ -64,14 +83,6 @@ class LowRank:
     kind: str = static_field(default="linear")
     dropout: float = static_field(default=0.0)
     magnitude: jax.Array | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return _layout.kernel_shape(self.layout, tuple(self.a.shape), tuple(self.b.shape))
 
 
 @jax.tree_util.register_dataclass

@@ -22,14 +22,13 @@ from typing import Any
 import jax
 
 from lora_jax.adapters import _lowered
-from lora_jax.adapters._lowered import LowRank, Replace, static_field
+from lora_jax.adapters._lowered import FactorShapes, LowRank, Replace, static_field
 from lora_jax.adapters._registry import lower, register_adapter
-from lora_jax.targets import _layout
 
 
 @register_adapter(name="lora")
 @dataclasses.dataclass(frozen=True)
-class LoraWeights:
+class LoraWeights(FactorShapes):
     """A low-rank adapter for one kernel: ``delta = scale * A @ B``.
 
     Attributes:
@@ -75,16 +74,6 @@ class LoraWeights:
     def field_axes(self) -> dict[str, str]:
         """A is ``(*batch, *in, r)``, B is ``(*batch, r, *out)``."""
         return {"a": "BIr", "b": "BrO"}
-
-    @property
-    def rank(self) -> int:
-        """The rank ``r``."""
-        return self.a.shape[-1]
-
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        """The shape of the kernel this adapter fits."""
-        return _layout.kernel_shape(self.layout, tuple(self.a.shape), tuple(self.b.shape))
 
     def delta(self) -> jax.Array:
         """``scale * A @ B`` in float32, in the kernel's axis order."""

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored._lazy import LazyKernel
@@ -92,8 +93,6 @@ def _after(dep: jax.Array, a: jax.Array) -> jax.Array:
     The zero is ``dep[0]·0`` for a finite ``dep[0]`` and ``0`` otherwise, so a
     NaN or inf in the input does not spread into the kernel.
     """
-    import jax.numpy as jnp
-
     first = dep.reshape(-1)[0]
     zero = jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype))
     return a + zero.astype(a.dtype)

@@ -101,7 +101,7 @@ def _pairs(lora_before: Any, lora_after: Any) -> tuple[dict[str, LowRank], dict[
                          f"{(b.scale, b.layout, b.a.shape)} before, {(a.scale, a.layout, a.a.shape)} after",
                          "pass two states of one adapter", found_is_text=True)
             )  # fmt: skip
-        if getattr(b, "magnitude", None) is not None:
+        if b.magnitude is not None:
             raise ValueError(
                 f"delta_lora_update at {path}: a DoRA adapter's effective weight is (m / n)·(W + Δ), not W + Δ, "
                 "so Delta-LoRA's update of W is not defined for it. Use it with plain LoRA adapters."

@@ -152,6 +152,12 @@ def diagnose(params: Any, lora: Any, grads: Any = None, *, top_k: int = 1) -> di
                         found_is_text=True,
                     )
                 )
+            if tuple(base[path].shape) != low.kernel_shape:
+                raise ValueError(
+                    expected(f"diagnose(params=...) at {path}", f"a kernel of shape {low.kernel_shape} (the "
+                             "adapter's)", f"shape {tuple(base[path].shape)}",
+                             "pass the params the adapter was initialised on", found_is_text=True)
+                )  # fmt: skip
             metrics["norm_ratio"] = metrics["delta_norm"] / _base_norm(base[path], low)
             if low.magnitude is not None:
                 metrics["magnitude_ratio"] = _magnitude_ratio(base[path], low)
@@ -228,10 +234,8 @@ def _basis(low: LowRank, side: str) -> jax.Array:
     if side == "in":
         qa, u, _ = _small_svd(low, compute_uv=True)
         return qa @ u
-    flipped = LowRank(
-        jnp.swapaxes(_matrices(low)[1], -1, -2), jnp.swapaxes(_matrices(low)[0], -1, -2), scale=low.scale,
-        layout="b" * low.layout.count("b") + "io",
-    )  # fmt: skip
+    a, b, nb = _matrices(low)
+    flipped = LowRank(jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2), scale=low.scale, layout="b" * nb + "io")
     qb, v, _ = _small_svd(flipped, compute_uv=True)
     return qb @ v
 
