@@ -20,6 +20,7 @@ from lora_jax.adapters._registry import register_adapter as register_adapter
 from lora_jax.adapters._split import combine as combine
 from lora_jax.adapters._split import split as split
 from lora_jax.adapters._tree import adapter_items as adapter_items
+from lora_jax.adapters._vera import VeraWeights as VeraWeights
 from lora_jax.factored._interpreter import Factored as Factored
 from lora_jax.factored._interpreter import factored as factored
 from lora_jax.factored._lazy import FactoredError as FactoredError
