@@ -156,3 +156,55 @@ def test_pefts_vera_forward_equals_ours():
         assert np.abs(want - pm(torch.tensor(x)).detach().numpy()).max() > 1e-2  # the adapter does something
     got = Mlp().apply({"params": apply_lora(params, lora)}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+def _peft_twin(torch, peft, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    params = {
+        name: {
+            "kernel": jnp.asarray(model[i].weight.detach().numpy().T),
+            "bias": jnp.asarray(model[i].bias.detach().numpy()),
+        }
+        for i, name in ((0, "up"), (2, "down"))
+    }
+    return model, params
+
+
+NAME_MAP = {"up": "0", "down": "2"}
+
+
+def test_a_peft_vera_adapter_imports_and_exports_with_pefts_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model, params = _peft_twin(torch, peft)
+    pm = peft.get_peft_model(model, peft.VeraConfig(r=4, target_modules=["0", "2"], projection_prng_key=5))
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "theirs")
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    want = pm(torch.tensor(x)).detach().numpy()
+    lora, spec = lora_jax.import_peft(tmp_path / "theirs", params, name_map=NAME_MAP)
+    assert spec.vera and spec.rank == 4
+    got = Mlp().apply({"params": apply_lora(params, lora)}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+    # and back: our export loads in PEFT with the same outputs
+    lora_jax.export_peft(tmp_path / "ours", lora, spec, name_map=NAME_MAP)
+    model2, _ = _peft_twin(torch, peft)
+    back = peft.PeftModel.from_pretrained(model2, tmp_path / "ours")
+    np.testing.assert_allclose(back(torch.tensor(x)).detach().numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_our_vera_adapter_loads_in_peft_with_our_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model, params = _peft_twin(torch, peft)
+    spec = LoraSpec(rank=3, targets=["up", "down"], vera=True, dtype="float64")
+    lora = _randomize(lora_jax.init_lora(jax.random.key(4), params, spec))
+    x = np.random.default_rng(1).normal(size=(4, 5))
+    want = np.asarray(Mlp().apply({"params": apply_lora(params, lora)}, jnp.asarray(x)))
+    lora_jax.export_peft(tmp_path / "ours", lora, spec, name_map=NAME_MAP)
+    got = peft.PeftModel.from_pretrained(model, tmp_path / "ours")(torch.tensor(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
