@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.adapters._adalora import AdaLoraWeights, adalora_scale
 from lora_jax.adapters._dora import DoraWeights, dora_from
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.adapters._registry import SHARED
@@ -69,6 +70,17 @@ def _init_one(key: jax.Array, t: Target, spec: LoraSpec) -> LoraWeights:
             b = jnp.zeros(b_shape, dtype)
     frozen = ("a",) if spec.freeze_a else ()
     return LoraWeights(a=a, b=b, scale=t.scale, layout=t.layout, kind=t.kind, dropout=spec.dropout, frozen=frozen)
+
+
+def _adalora_one(key: jax.Array, t: Target, spec: LoraSpec) -> AdaLoraWeights:
+    """PEFT's AdaLoRA init: ``e = 0`` (a no-op), ``a`` and ``b`` normal with std 0.02."""
+    ka, kb = jax.random.split(leaf_key(key, t.path))
+    dtype = jnp.dtype(spec.dtype)
+    a = 0.02 * jax.random.normal(ka, _layout.a_shape(t.layout, t.shape, t.rank), dtype)
+    b = 0.02 * jax.random.normal(kb, _layout.b_shape(t.layout, t.shape, t.rank), dtype)
+    e = jnp.zeros((*_layout.dims_of(t.layout, t.shape, "b"), t.rank), dtype)
+    scale = adalora_scale(t.rank, t.alpha)
+    return AdaLoraWeights(a, e, b, scale=scale, layout=t.layout, kind=t.kind, dropout=spec.dropout)
 
 
 def _dora_one(path: str, node: LoraWeights, leaf: Any) -> DoraWeights:
@@ -159,6 +171,8 @@ def init_unsharded(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any
     if spec.vera:
         out = _vera_nodes(key, targets, spec)
         shared = out.pop(SHARED, None)
+    elif spec.adalora:
+        out = {path: _adalora_one(key, t, spec) for path, t in targets.items()}
     else:
         out = {path: _init_one(key, t, spec) for path, t in targets.items()}
     if spec.dora:

@@ -185,6 +185,10 @@ class LoraSpec:
         used (VeRA has no scale) and every kernel has the one ``rank``. See
         :class:`lora_jax.VeraWeights`.
       vera_d_initial: VeRA's initial ``d`` (PEFT's ``d_initial``, 0.1).
+      adalora: AdaLoRA (PEFT's ``AdaLoraConfig``; ``rank`` is its ``init_r``):
+        each kernel gets ``a``, ``e``, ``b`` with ``W' = W + s·a·diag(e)·b``,
+        ``s = alpha / (r + 1e-5)`` as PEFT's, ``e = 0`` at init. Prune with
+        :func:`lora_jax.adalora_allocator`. See :class:`lora_jax.AdaLoraWeights`.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -210,6 +214,7 @@ class LoraSpec:
     dora: bool = False
     vera: bool = False
     vera_d_initial: float = 0.1
+    adalora: bool = False
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -295,7 +300,7 @@ class LoraSpec:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(expected("LoraSpec(dropout=...)", "a number in [0, 1)", self.dropout, "E.g. dropout=0.1"))
         put("dropout", float(self.dropout))
-        for name in ("rslora", "freeze_a", "dora", "vera"):
+        for name in ("rslora", "freeze_a", "dora", "vera", "adalora"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(
@@ -310,6 +315,11 @@ class LoraSpec:
         if not _is_real(self.vera_d_initial):
             raise ValueError(expected("LoraSpec(vera_d_initial=...)", "a finite number", self.vera_d_initial))
         put("vera_d_initial", float(self.vera_d_initial))
+        if self.adalora and (self.vera or self.dora or self.freeze_a or self.rslora):
+            raise ValueError(
+                "LoraSpec(adalora=True) cannot be combined with vera, dora, freeze_a or rslora (PEFT's AdaLoRA has "
+                "none of them)."
+            )
         if self.vera:
             clash = [n for n in ("dora", "freeze_a", "rslora") if getattr(self, n)]
             clash += ["rank_pattern"] * bool(self.rank_pattern) + ["alpha_pattern"] * bool(self.alpha_pattern)
