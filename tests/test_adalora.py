@@ -43,7 +43,7 @@ def _with_e(lora, seed=3):
 
 
 def test_init_is_a_no_op_and_the_delta_is_pefts_closed_form():
-    x, params, lora = _setup()
+    _, params, lora = _setup()
     node = lora["up"]["kernel"]
     assert node.e.shape == (4,) and float(jnp.abs(node.e).max()) == 0 and node.scale == pytest.approx(8 / (4 + 1e-5))
     np.testing.assert_array_equal(apply_lora(params, lora)["up"]["kernel"], params["up"]["kernel"])
@@ -132,10 +132,7 @@ def test_the_allocators_masks_equal_pefts_rank_allocator_step_by_step(deltaT):
                 assert list(np.asarray(state.mask[f"{name}/kernel"])) == list(theirs[key]), (step, name)
                 masked_steps += 1
     assert masked_steps > 0
-    assert (
-        sorted(int(v) for v in lora_jax.kept_ranks(state).values())
-        and sum(int(v) for v in lora_jax.kept_ranks(state).values()) == 4
-    )  # target_r * 2 kernels
+    assert sum(int(v) for v in lora_jax.kept_ranks(state).values()) == 4  # target_r * 2 kernels
 
 
 def test_orthogonal_regularizer_is_pefts():
@@ -172,7 +169,7 @@ def test_training_with_the_allocator_lowers_the_loss_without_retracing():
         lora, state = step(lora, state)
     assert len(traces) == 1
     assert loss(lora) < 0.8 * first
-    assert (
-        all(int(v) == 2 for v in lora_jax.kept_ranks(state).values())
-        or sum(int(v) for v in lora_jax.kept_ranks(state).values()) == 4
-    )
+    assert sum(int(v) for v in lora_jax.kept_ranks(state).values()) == 4  # the final budget, target_r * 2
+    for path, kept in state.mask.items():
+        e = np.asarray(lora[path.split("/")[0]]["kernel"].e)
+        assert np.all(e[~np.asarray(kept)] == 0), path  # the allocator zeroed the pruned singular values

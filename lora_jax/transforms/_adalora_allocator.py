@@ -37,7 +37,13 @@ from lora_jax.targets._paths import nest
 
 class AdaLoraState(NamedTuple):
     """The allocator's state: ``count`` (steps done), the inner optimizer's state, the smoothed sensitivity
-    and uncertainty ``{path: (a, e, b)}``, and ``mask`` ``{path: bool (*batch, r)}``, the kept triplets."""
+    and uncertainty ``{path: (a, e, b)}``, and ``mask`` ``{path: bool (*batch, r)}``, the kept triplets.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> AdaLoraState(jnp.zeros((), int), (), {}, {}, {"k": jnp.ones(2, bool)}).mask["k"].shape
+      (2,)
+    """
 
     count: jax.Array
     inner: Any
@@ -179,7 +185,13 @@ def adalora_allocator(
 
 
 def kept_ranks(state: AdaLoraState) -> dict[str, Any]:
-    """The kept rank per adapted kernel (per layer of a stacked one): the count of ``True`` in ``state.mask``."""
+    """The kept rank per adapted kernel (per layer of a stacked one): the count of ``True`` in ``state.mask``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> kept_ranks(AdaLoraState(jnp.zeros((), int), (), {}, {}, {"k": jnp.array([True, False, True])}))
+      {'k': np.int64(2)}
+    """
     return {p: np.asarray(m).sum(axis=-1) for p, m in state.mask.items()}
 
 
