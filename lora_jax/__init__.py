@@ -7,6 +7,7 @@
 >>> effective = lora_jax.apply_lora(params, lora)
 """
 
+from lora_jax.adapters._adalora import AdaLoraWeights as AdaLoraWeights
 from lora_jax.adapters._dora import DoraWeights as DoraWeights
 from lora_jax.adapters._init import init_lora as init_lora
 from lora_jax.adapters._init_base import init_lora_and_base as init_lora_and_base
@@ -20,6 +21,7 @@ from lora_jax.adapters._registry import register_adapter as register_adapter
 from lora_jax.adapters._split import combine as combine
 from lora_jax.adapters._split import split as split
 from lora_jax.adapters._tree import adapter_items as adapter_items
+from lora_jax.adapters._vera import VeraWeights as VeraWeights
 from lora_jax.factored._interpreter import Factored as Factored
 from lora_jax.factored._interpreter import factored as factored
 from lora_jax.factored._lazy import FactoredError as FactoredError
@@ -43,6 +45,10 @@ from lora_jax.spec._json import spec_to_json as spec_to_json
 from lora_jax.spec._spec import LoraSpec as LoraSpec
 from lora_jax.targets._infer import infer_axes as infer_axes
 from lora_jax.targets._select import partition as partition
+from lora_jax.transforms._adalora_allocator import AdaLoraState as AdaLoraState
+from lora_jax.transforms._adalora_allocator import adalora_allocator as adalora_allocator
+from lora_jax.transforms._adalora_allocator import kept_ranks as kept_ranks
+from lora_jax.transforms._adalora_allocator import orthogonal_regularizer as orthogonal_regularizer
 from lora_jax.transforms._apply import apply_lora as apply_lora
 from lora_jax.transforms._apply import dora_norms as dora_norms
 from lora_jax.transforms._apply import merge as merge

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lora_jax.adapters._adalora import AdaLoraWeights, adalora_scale
 from lora_jax.adapters._dora import DoraWeights, dora_from
 from lora_jax.adapters._nodes import LoraWeights, Trainable
+from lora_jax.adapters._registry import SHARED
 from lora_jax.adapters._svd_init import orthogonal_factors
+from lora_jax.adapters._vera import VeraWeights, vera_projections
 from lora_jax.errors._checks import check_key, check_params, check_spec
 from lora_jax.errors._messages import expected
 from lora_jax.spec._spec import LoraSpec, changes_base
@@ -68,6 +72,17 @@ def _init_one(key: jax.Array, t: Target, spec: LoraSpec) -> LoraWeights:
     return LoraWeights(a=a, b=b, scale=t.scale, layout=t.layout, kind=t.kind, dropout=spec.dropout, frozen=frozen)
 
 
+def _adalora_one(key: jax.Array, t: Target, spec: LoraSpec) -> AdaLoraWeights:
+    """PEFT's AdaLoRA init: ``e = 0`` (a no-op), ``a`` and ``b`` normal with std 0.02."""
+    ka, kb = jax.random.split(leaf_key(key, t.path))
+    dtype = jnp.dtype(spec.dtype)
+    a = 0.02 * jax.random.normal(ka, _layout.a_shape(t.layout, t.shape, t.rank), dtype)
+    b = 0.02 * jax.random.normal(kb, _layout.b_shape(t.layout, t.shape, t.rank), dtype)
+    e = jnp.zeros((*_layout.dims_of(t.layout, t.shape, "b"), t.rank), dtype)
+    scale = adalora_scale(t.rank, t.alpha)
+    return AdaLoraWeights(a, e, b, scale=scale, layout=t.layout, kind=t.kind, dropout=spec.dropout)
+
+
 def _dora_one(path: str, node: LoraWeights, leaf: Any) -> DoraWeights:
     """DoRA's node for one kernel: ``m`` = the norm of ``W + s·A·B`` over the input axes (a no-op)."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -81,6 +96,35 @@ def _dora_one(path: str, node: LoraWeights, leaf: Any) -> DoraWeights:
             )
         )
     return dora_from(node, leaf)
+
+
+def _vera_nodes(key: jax.Array, targets: dict[str, Target], spec: LoraSpec) -> dict[str, Any]:
+    """VeRA: one node per target over the shared projections (sized to the largest kernel), PEFT's init."""
+    dtype = jnp.dtype(spec.dtype)
+    out: dict[str, Any] = {}
+    for path, t in targets.items():
+        if t.kind != "linear":
+            raise ValueError(
+                expected(
+                    f"{path}: LoraSpec(vera=True)",
+                    "a linear kernel (VeRA adapts linear layers, as PEFT's)",
+                    f"a {t.kind} table",
+                    "exclude it with LoraSpec(exclude=...)",
+                    found_is_text=True,
+                )
+            )
+        batch = _layout.dims_of(t.layout, t.shape, "b")
+        outs = _layout.dims_of(t.layout, t.shape, "o")
+        d = jnp.full((*batch, spec.rank), spec.vera_d_initial, dtype)
+        b = jnp.zeros((*batch, *outs), dtype)
+        out[path] = VeraWeights(d, b, in_shape=_layout.dims_of(t.layout, t.shape, "i"), layout=t.layout)
+        out[path] = dataclasses.replace(out[path], dropout=spec.dropout)
+    if targets:
+        max_in = max(_layout.fan_in(t.layout, t.shape) for t in targets.values())
+        max_out = max(_layout.fan_out(t.layout, t.shape) for t in targets.values())
+        shared = vera_projections(leaf_key(key, SHARED), max_in, max_out, spec.rank, dtype)
+        out[SHARED] = shared
+    return out
 
 
 def _copy_trainable(path: str, leaf: Any) -> Trainable:
@@ -123,11 +167,21 @@ def init_unsharded(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any
     """:func:`init_lora` without sharding: the adapters computed where JAX puts them by default."""
     targets, trainable = resolve(params, spec)
     flat = flatten_with_paths(params)
-    out = {path: _init_one(key, t, spec) for path, t in targets.items()}
+    shared = None
+    if spec.vera:
+        out = _vera_nodes(key, targets, spec)
+        shared = out.pop(SHARED, None)
+    elif spec.adalora:
+        out = {path: _adalora_one(key, t, spec) for path, t in targets.items()}
+    else:
+        out = {path: _init_one(key, t, spec) for path, t in targets.items()}
     if spec.dora:
         out = {path: _dora_one(path, node, flat[path]) for path, node in out.items()}
     out.update({path: _copy_trainable(path, flat[path]) for path in trainable})
-    return nest(dict(sorted(out.items())))
+    tree = nest(dict(sorted(out.items())))
+    if shared is not None:
+        tree[SHARED] = shared
+    return tree
 
 
 def init_lora(key: jax.Array, params: Any, spec: LoraSpec) -> dict[str, Any]:

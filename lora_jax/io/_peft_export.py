@@ -275,8 +275,16 @@ def export_peft(
     """
     from safetensors.numpy import save
 
+    from lora_jax.io._peft_vera import has_vera
+
     path = as_path(path, "export_peft(path=...)")
     check_adapter_args(lora, spec, "export_peft")
+    if has_vera(lora):  # VeRA: its own format (lora_jax.io._peft_vera)
+        from lora_jax.io._peft_vera import export_vera
+
+        return export_vera(
+            path, lora, spec, name_map=name_map, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
+        )
     _check_conv(conv)
     first = {} if initial is None else initial_nodes(lora, initial)
     exists = path.exists()

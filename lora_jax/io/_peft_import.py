@@ -39,6 +39,7 @@ from lora_jax.io._peft_names import (
     pattern_key,
 )
 from lora_jax.io._peft_read import config_values, read_peft
+from lora_jax.io._peft_vera import import_vera, is_vera
 from lora_jax.spec._spec import LoraSpec, lora_scale
 from lora_jax.targets import _layout
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -210,6 +211,8 @@ def import_peft(
       (True, 2)
     """
     path = as_path(path, "import_peft(path=...)")
+    if is_vera(path):  # VeRA: its own format (lora_jax.io._peft_vera)
+        return import_vera(path, params, name_map=name_map)
     config, tensors = read_peft(path)
     if params is None:
         if name_map is not None or axes is not None:

@@ -177,6 +177,18 @@ class LoraSpec:
         input axes (a constant in backprop); ``init_lora`` sets ``m = n``
         (a no-op), which needs the kernels' values. See
         :class:`lora_jax.DoraWeights`.
+      vera: VeRA (PEFT's ``VeraConfig``): one pair of frozen random
+        projections shared by every adapted kernel (in the tree's
+        ``"__shared__"`` section) and two trainable vectors per kernel,
+        ``d (r)`` and ``b (out)``: ``W' = W + A₀·diag(d)·B₀·diag(b)``. ``b``
+        starts at 0 (a no-op) and ``d`` at ``vera_d_initial``; ``alpha`` is not
+        used (VeRA has no scale) and every kernel has the one ``rank``. See
+        :class:`lora_jax.VeraWeights`.
+      vera_d_initial: VeRA's initial ``d`` (PEFT's ``d_initial``, 0.1).
+      adalora: AdaLoRA (PEFT's ``AdaLoraConfig``; ``rank`` is its ``init_r``):
+        each kernel gets ``a``, ``e``, ``b`` with ``W' = W + s·a·diag(e)·b``,
+        ``s = alpha / (r + 1e-5)`` as PEFT's, ``e = 0`` at init. Prune with
+        :func:`lora_jax.adalora_allocator`. See :class:`lora_jax.AdaLoraWeights`.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -200,6 +212,9 @@ class LoraSpec:
     dropout: float = 0.0
     freeze_a: bool = False
     dora: bool = False
+    vera: bool = False
+    vera_d_initial: float = 0.1
+    adalora: bool = False
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -285,7 +300,7 @@ class LoraSpec:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(expected("LoraSpec(dropout=...)", "a number in [0, 1)", self.dropout, "E.g. dropout=0.1"))
         put("dropout", float(self.dropout))
-        for name in ("rslora", "freeze_a", "dora"):
+        for name in ("rslora", "freeze_a", "dora", "vera", "adalora"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(
@@ -297,6 +312,28 @@ class LoraSpec:
                     )
                 )
             put(name, bool(value))
+        if not _is_real(self.vera_d_initial):
+            raise ValueError(expected("LoraSpec(vera_d_initial=...)", "a finite number", self.vera_d_initial))
+        put("vera_d_initial", float(self.vera_d_initial))
+        if self.adalora and (self.vera or self.dora or self.freeze_a or self.rslora):
+            raise ValueError(
+                "LoraSpec(adalora=True) cannot be combined with vera, dora, freeze_a or rslora (PEFT's AdaLoRA has "
+                "none of them)."
+            )
+        if self.vera:
+            clash = [n for n in ("dora", "freeze_a", "rslora") if getattr(self, n)]
+            clash += ["rank_pattern"] * bool(self.rank_pattern) + ["alpha_pattern"] * bool(self.alpha_pattern)
+            if clash or self.init != "kaiming":
+                what = clash[0] if clash else f"init={self.init!r}"
+                raise ValueError(
+                    expected(
+                        "LoraSpec(vera=True)",
+                        "no dora, freeze_a, rslora, rank_pattern, alpha_pattern or init other than 'kaiming'",
+                        what,
+                        "VeRA shares one pair of rank-r projections across the model and trains d and b only",
+                        found_is_text=True,
+                    )
+                )
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """The update scale for one kernel: ``alpha/r``, or ``alpha/sqrt(r)`` with rslora."""

@@ -305,7 +305,8 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
         rank = _first(spec.rank_pattern, path, spec.rank)
         alpha = _first(spec.alpha_pattern, path, spec.alpha)
         limit = _layout.max_rank(layout, shape)
-        if rank > limit:  # raised after the ambiguous layouts: a rank limit read from a guessed layout misleads
+        # raised after the ambiguous layouts; VeRA's r is the shared projections' rank, of any size
+        if rank > limit and not spec.vera:
             too_large.append(
                 (
                     path,
