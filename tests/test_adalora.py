@@ -13,7 +13,12 @@ import pytest
 import lora_jax
 from lora_jax import AdaLoraWeights, LoraSpec, adalora_allocator, apply_lora, factored, orthogonal_regularizer
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 closed forms need x64, for this module's tests only (a global switch would leak into the others)."""
+    with jax.enable_x64(True):
+        yield
 
 
 class Mlp(nn.Module):
