@@ -21,7 +21,7 @@ from lora_jax.io._files import (
     interrupted_hint,
 )
 from lora_jax.io._orbax import ARRAYS, FORMAT, META, VERSION, _checksums, _flat_arrays, _host_ints, _records
-from lora_jax.io._record import drain_failed_reads, short_error, verify_record
+from lora_jax.io._record import drop_closed_loop_callbacks, short_error, verify_record
 from lora_jax.spec._json import _SPEC_FIELDS, spec_from_json
 from lora_jax.spec._spec import LoraSpec
 from lora_jax.targets._paths import flatten_with_paths, nest
@@ -204,7 +204,7 @@ def load_adapter(
             restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
         flat = flatten_with_paths(restored[ARRAYS])
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-        drain_failed_reads()  # the reads still in flight finish now, not as "Event loop is closed" noise later
+        drop_closed_loop_callbacks()  # the reads still in flight call back into a closed loop: not noise later
         raise ValueError(
             f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
             f"({short_error(e)}). Restore an earlier checkpoint.{interrupted_hint(path)}"

@@ -14,8 +14,6 @@ import hashlib
 import json
 import re
 import sys
-import threading
-import time
 from typing import Any
 
 from lora_jax.adapters._registry import SHARED
@@ -89,38 +87,46 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
 
 
-def drain_failed_reads(*, quiet_s: float = 1.0, limit_s: float = 5.0) -> None:
-    """Let the reads of a failed orbax restore finish, dropping their "Event loop is closed" callbacks.
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable exception is a callback into a closed asyncio loop (``call_soon_threadsafe``)."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def drop_closed_loop_callbacks() -> None:
+    """From now on, drop the "Event loop is closed" callbacks of a failed orbax restore (idempotent).
 
     orbax runs a restore on a fresh event loop and closes it when the first
-    read fails; tensorstore's other reads, still in flight, then try to call
-    back into the closed loop, and each prints ``Exception ignored ...
-    RuntimeError: Event loop is closed`` at some later moment (a test sees it
-    as an unraisable-exception warning). Called on the error path only: until
-    no such callback has come for ``quiet_s`` (at most ``limit_s``), exactly
-    these callbacks are dropped; any other unraisable exception passes through
-    to the previous hook, which is put back before returning.
+    read fails; tensorstore's other reads, still in flight, call back into the
+    closed loop when they finish, each at some later moment that nothing
+    controls (seconds later on a loaded machine), and each would print
+    ``Exception ignored ... RuntimeError: Event loop is closed`` (a test sees it
+    as an unraisable-exception warning). Called on that error path only, this
+    wraps ``sys.unraisablehook`` once: exactly these callbacks (a
+    ``RuntimeError("Event loop is closed")`` raised in ``call_soon_threadsafe``)
+    are dropped, whenever they come; every other unraisable exception goes to
+    the hook that was installed before.
+
+    Example:
+      >>> import sys
+      >>> drop_closed_loop_callbacks(); hook = sys.unraisablehook
+      >>> drop_closed_loop_callbacks(); sys.unraisablehook is hook  # installed once
+      True
     """
+    if getattr(sys.unraisablehook, "_lora_jax_drops_closed_loop_callbacks", False):
+        return
     previous = sys.unraisablehook
-    last = [time.monotonic()]
-    lock = threading.Lock()
 
     def hook(unraisable: Any) -> None:
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            with lock:
-                last[0] = time.monotonic()
-            return
-        previous(unraisable)
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
 
+    hook._lora_jax_drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    start = time.monotonic()
-    try:
-        while time.monotonic() - start < limit_s:
-            with lock:
-                quiet = time.monotonic() - last[0]
-            if quiet >= quiet_s:
-                break
-            time.sleep(quiet_s - quiet)
-    finally:
-        sys.unraisablehook = previous
