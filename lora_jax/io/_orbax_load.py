@@ -199,12 +199,12 @@ def load_adapter(
     if params is not None:
         _check_params(path, meta, params)
     abstract = _abstract_arrays(path, meta, target)
+    drop_closed_loop_callbacks()  # a failed read leaves callbacks into orbax's closed event loop, at any later time
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
             restored = ckpt.restore(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(nest(abstract))}))
         flat = flatten_with_paths(restored[ARRAYS])
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-        drop_closed_loop_callbacks()  # the reads still in flight call back into a closed loop: not noise later
         raise ValueError(
             f"{path}: the adapter arrays cannot be read, the checkpoint is corrupt or truncated "
             f"({short_error(e)}). Restore an earlier checkpoint.{interrupted_hint(path)}"

@@ -101,18 +101,19 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
 
 
 def drop_closed_loop_callbacks() -> None:
-    """From now on, drop the "Event loop is closed" callbacks of a failed orbax restore (idempotent).
+    """Before an orbax restore: drop, from now on, the "Event loop is closed" callbacks a failed read leaves.
 
-    orbax runs a restore on a fresh event loop and closes it when the first
-    read fails; tensorstore's other reads, still in flight, call back into the
-    closed loop when they finish, each at some later moment that nothing
-    controls (seconds later on a loaded machine), and each would print
-    ``Exception ignored ... RuntimeError: Event loop is closed`` (a test sees it
-    as an unraisable-exception warning). Called on that error path only, this
-    wraps ``sys.unraisablehook`` once: exactly these callbacks (a
-    ``RuntimeError("Event loop is closed")`` raised in ``call_soon_threadsafe``)
-    are dropped, whenever they come; every other unraisable exception goes to
-    the hook that was installed before.
+    orbax runs a restore on a fresh event loop and closes it when a read
+    fails; tensorstore's other reads, still in flight, call back into the
+    closed loop when they finish, at moments nothing controls (before the
+    error reaches the caller, or seconds later on a loaded machine), and each
+    would print ``Exception ignored ... RuntimeError: Event loop is closed`` (a
+    test sees it as an unraisable-exception warning). This wraps
+    ``sys.unraisablehook`` once per process (it is idempotent): exactly these
+    callbacks (a ``RuntimeError("Event loop is closed")`` raised in
+    ``call_soon_threadsafe``), which no one can act on, are dropped whenever
+    they come; every other unraisable exception goes to the hook that was
+    installed before.
 
     Example:
       >>> import sys
@@ -120,7 +121,7 @@ def drop_closed_loop_callbacks() -> None:
       >>> drop_closed_loop_callbacks(); sys.unraisablehook is hook  # installed once
       True
     """
-    if getattr(sys.unraisablehook, "_lora_jax_drops_closed_loop_callbacks", False):
+    if getattr(sys.unraisablehook, _MARK, False):
         return
     previous = sys.unraisablehook
 
@@ -128,5 +129,8 @@ def drop_closed_loop_callbacks() -> None:
         if not _is_closed_loop_callback(unraisable):
             previous(unraisable)
 
-    hook._lora_jax_drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    setattr(hook, _MARK, True)
     sys.unraisablehook = hook
+
+
+_MARK = "_lora_jax_drops_closed_loop_callbacks"
