@@ -48,10 +48,70 @@ def test_apply_lora_adds_the_delta_to_the_float32_dequantized_kernel_and_casts_o
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16)))
 
 
-def test_merge_gives_float_kernels():
+def test_merge_into_a_quantized_base_is_an_explicit_choice():
     lora = init_lora(KEY, PARAMS, SPEC)
-    merged = lora_jax.merge(PARAMS, lora)
+    with pytest.raises(ValueError, match=r"merge\(quantized=None\) at attn/kernel \(and 1 other.*quantized='float'"):
+        lora_jax.merge(PARAMS, lora)
+    with pytest.raises(ValueError, match=r"merge\(quantized=...\): expected None, 'float' or 'requantize'"):
+        lora_jax.merge(PARAMS, lora, quantized="nf4")
+    merged = lora_jax.merge(PARAMS, lora, quantized="float")
     assert merged["mlp"]["kernel"].dtype == jnp.bfloat16 and merged["mlp"]["kernel"].shape == (64, 256)
+    applied = apply_lora(PARAMS, lora)
+    for name in ("attn", "mlp"):
+        np.testing.assert_array_equal(np.asarray(merged[name]["kernel"]), np.asarray(applied[name]["kernel"]))
+    with pytest.raises(ValueError, match=r"unmerge\(quantized=None\) at attn/kernel"):
+        lora_jax.unmerge(PARAMS, lora)
+
+
+def _requantize_reference(q, node):
+    """float64 merge of the float32-dequantized kernel, then quantize's own rounding of it (float32)."""
+    merged = apply_np(np.asarray(q.dequantize(jnp.float32), np.float64), node.a, node.b, node.scale, "io")
+    return np.asarray(merged, np.float32)
+
+
+def test_requantize_rounds_the_float32_merge_once_into_the_same_format_and_reports_the_error():
+    lora = init_lora(KEY, PARAMS, SPEC)
+    merged, report = lora_jax.merge(PARAMS, lora, quantized="requantize")
+    assert set(report) == {"attn/kernel", "mlp/kernel"}
+    for name in ("attn", "mlp"):
+        q, got, node = PARAMS[name]["kernel"], merged[name]["kernel"], lora[name]["kernel"]
+        assert isinstance(got, lora_jax.QuantizedKernel) and repr(got) == repr(q)  # format, block, dtype, layout
+        want = _requantize_reference(q, node)
+        # the codes are quantize's of the float32 merge (one rounding)
+        ref = lora_jax.quantize({"k": jnp.asarray(want)}, targets=["k"])["k"]
+        assert np.mean(np.asarray(got.codes) == np.asarray(ref.codes)) > 0.999  # float32 vs float64 merge ties
+        error = np.abs(np.asarray(got.dequantize(jnp.float32), np.float64) - want).max()
+        change = np.abs(want - np.asarray(q.dequantize(jnp.float32), np.float64)).max()
+        np.testing.assert_allclose(float(report[f"{name}/kernel"]["max_error"]), error, rtol=1e-3)
+        np.testing.assert_allclose(float(report[f"{name}/kernel"]["max_delta"]), change, rtol=1e-3)
+    assert merged["head"]["kernel"] is PARAMS["head"]["kernel"]
+
+
+def test_requantizing_a_small_adapter_reports_that_the_rounding_ate_it():
+    lora = init_lora(KEY, PARAMS, SPEC)
+    tiny = jax.tree.map(lambda x: x, lora)
+    node = lora["mlp"]["kernel"]
+    tiny["mlp"]["kernel"] = type(node)(**{**node.__dict__, "b": node.b * 1e-4})
+    merged, report = lora_jax.merge(PARAMS, tiny, quantized="requantize")
+    r = {k: float(v) for k, v in report["mlp/kernel"].items()}
+    assert r["max_error"] > 0.5 * r["max_delta"], r  # the rounding is as large as what the adapter changed
+    same = np.asarray(merged["mlp"]["kernel"].codes) == np.asarray(PARAMS["mlp"]["kernel"].codes)
+    assert same.mean() > 0.99  # nearly every code is the base's: the adapter is mostly gone
+
+
+def test_unmerge_requantized_goes_back_to_the_base_up_to_the_reported_rounding():
+    lora = init_lora(KEY, PARAMS, SPEC)
+    merged, _ = lora_jax.merge(PARAMS, lora, quantized="requantize")
+    back, report = lora_jax.unmerge(merged, lora, quantized="requantize")
+    for name in ("attn", "mlp"):
+        got = np.asarray(back[name]["kernel"].dequantize(jnp.float32))
+        base = np.asarray(PARAMS[name]["kernel"].dequantize(jnp.float32))
+        bound = float(report[f"{name}/kernel"]["max_error"]) + float(
+            lora_jax.merge(PARAMS, lora, quantized="requantize")[1][f"{name}/kernel"]["max_error"]
+        )
+        assert np.abs(got - base).max() <= bound * 1.01 + 1e-6
+    floats = lora_jax.unmerge(merged, lora, quantized="float")
+    assert floats["attn"]["kernel"].dtype == jnp.bfloat16
 
 
 def test_summary_counts_stored_bytes_per_leaf_and_in_total():

@@ -66,7 +66,7 @@ from lora_jax.io._peft_names import (
     export_pattern_key,
     module_name,
 )
-from lora_jax.spec._spec import LoraSpec, changes_base
+from lora_jax.spec._spec import LoraSpec, changes_base, loftq_iters
 from lora_jax.targets import _layout
 from lora_jax.targets._select import _first, selector_matches
 
@@ -286,6 +286,14 @@ def export_peft(
             path, lora, spec, name_map=name_map, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
         )
     _check_conv(conv)
+    loftq = loftq_iters(spec.init) is not None
+    if loftq and initial is not None:
+        raise ValueError(
+            "export_peft(initial=...) with LoraSpec(init='loftq'): PEFT's rank-2r conversion rewrites an adapter for "
+            "the original base only when base + initial adapter equals the original weights, and LoftQ's quantized "
+            "base does not (that is its quantization error). Export without initial=: the adapter is for the "
+            "LoftQ base (save it with save_adapter or lora_jax.quantize's format)."
+        )
     first = {} if initial is None else initial_nodes(lora, initial)
     exists = path.exists()
     sync_processes(f"lora_jax.export_peft.check:{path}")  # every process checks before process 0 may write
@@ -392,8 +400,9 @@ def export_peft(
         "bias": "none",
         "fan_in_fan_out": bool(fan_in_fan_out),
         "modules_to_save": saved_modules or None,
-        # a PiSSA/OLoRA adapter without initial= is for the residual base: PEFT redoes the init on loading
-        "init_lora_weights": spec.init if changes_base(spec.init) and not first else True,
+        # a PiSSA/OLoRA adapter without initial= is for the residual base: PEFT redoes the init on loading. A LoftQ
+        # adapter is for its quantized base (PEFT's "loftq" would need a loftq_config and redo LoftQ on loading)
+        "init_lora_weights": spec.init if changes_base(spec.init) and not first and not loftq else True,
         "use_dora": use_dora,
         "inference_mode": True,
         "layers_to_transform": None,

@@ -18,10 +18,12 @@ from lora_jax.targets._layout import LAYOUT_LETTERS
 #: key names (or regexes), or a callable ``(path, leaf) -> bool``.
 Selector = Union[str, Sequence[str], Callable[[str, Any], bool], None]
 
-INITS = ("kaiming", "gaussian", "random", "pissa", "olora", "orthogonal")
-#: The inits that change the base weights (``"pissa_niter_N"`` too): made by :func:`lora_jax.init_lora_and_base`.
-BASE_INITS = ("pissa", "olora")
+INITS = ("kaiming", "gaussian", "random", "pissa", "olora", "orthogonal", "loftq")
+#: The inits that change the base weights (``"pissa_niter_N"`` and ``"loftq_iter_N"`` too): made by
+#: :func:`lora_jax.init_lora_and_base`.
+BASE_INITS = ("pissa", "olora", "loftq")
 _NITER = re.compile(r"pissa_niter_([0-9]+)")
+_LOFTQ_ITER = re.compile(r"loftq_iter_([1-9][0-9]*)")
 #: The adapter dtypes: those every backend computes in and a PEFT file can hold (float8 cannot be read back).
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 _MAPPING_OF = {"rank_pattern": "{pattern: rank}", "alpha_pattern": "{pattern: alpha}", "axes": "{pattern: layout}"}
@@ -107,13 +109,25 @@ def pissa_niter(init: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def changes_base(init: str) -> bool:
-    """Whether ``init`` moves part of the base kernel into the adapter (PiSSA, OLoRA).
+def loftq_iters(init: str) -> int | None:
+    """LoftQ's alternating iterations: 1 for ``"loftq"`` (PEFT's default), N for ``"loftq_iter_N"``, else None.
 
-    >>> changes_base("pissa_niter_2"), changes_base("olora"), changes_base("orthogonal")
-    (True, True, False)
+    >>> loftq_iters("loftq"), loftq_iters("loftq_iter_5"), loftq_iters("pissa")
+    (1, 5, None)
     """
-    return init in BASE_INITS or pissa_niter(init) is not None
+    if init == "loftq":
+        return 1
+    m = _LOFTQ_ITER.fullmatch(init)
+    return int(m.group(1)) if m else None
+
+
+def changes_base(init: str) -> bool:
+    """Whether ``init`` moves part of the base kernel into the adapter (PiSSA, OLoRA) or requantizes it (LoftQ).
+
+    >>> changes_base("pissa_niter_2"), changes_base("olora"), changes_base("loftq_iter_3"), changes_base("orthogonal")
+    (True, True, True, False)
+    """
+    return init in BASE_INITS or pissa_niter(init) is not None or loftq_iters(init) is not None
 
 
 def lora_scale(rank: int, alpha: float, *, rslora: bool) -> float:
@@ -153,9 +167,11 @@ class LoraSpec:
         :func:`lora_jax.init_lora_and_base`: ``"pissa"`` (A, B from the top-r
         singular triplets of the kernel, ``scale·A·B`` its rank-r truncation),
         ``"pissa_niter_N"`` (the same from a randomized SVD with N subspace
-        iterations) and ``"olora"`` (A, B from the kernel's QR decomposition).
+        iterations), ``"olora"`` (A, B from the kernel's QR decomposition) and
+        ``"loftq"`` / ``"loftq_iter_N"`` (LoftQ: the base is quantized, A and B
+        fit the quantization error, alternating N times; 1 by default, as PEFT).
         Embedding tables always get A = 0, B ~ N(0, 1), as in PEFT (which
-        ignores these four inits for embeddings too).
+        ignores these inits for embeddings too).
       dtype: dtype of A and B: float16, bfloat16, float32 or float64 (the update is
         computed in float32 regardless).
       axes: per-path kernel layouts ``{pattern: layout}``, required for kernels
@@ -258,11 +274,13 @@ class LoraSpec:
         init = _INIT_ALIASES.get(self.init, self.init) if isinstance(self.init, str) else self.init
         if isinstance(init, str) and pissa_niter(init) is not None:
             init = f"pissa_niter_{pissa_niter(init)}"
+        elif isinstance(init, str) and init != "loftq" and loftq_iters(init) is not None:
+            init = "loftq" if loftq_iters(init) == 1 else f"loftq_iter_{loftq_iters(init)}"
         elif init not in INITS:
             raise ValueError(
                 f"LoraSpec(init={self.init!r}) is not a known initialization; expected one of "
                 f"{', '.join(repr(i) for i in INITS)}, 'pissa_niter_N' (N subspace iterations, e.g. "
-                f"'pissa_niter_4') or 'default' for 'kaiming'."
+                f"'pissa_niter_4'), 'loftq_iter_N' (N >= 1 LoftQ iterations) or 'default' for 'kaiming'."
             )
         put("init", init)
         if init == "orthogonal":

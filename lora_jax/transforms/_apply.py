@@ -15,6 +15,7 @@ from lora_jax.adapters._tree import adapter_items, items_of, lowered_items
 from lora_jax.errors._checks import check_params
 from lora_jax.errors._messages import expected
 from lora_jax.targets._paths import flatten_with_paths, map_with_paths
+from lora_jax.transforms._quantized_merge import check_quantized_choice, requantized
 
 
 def _check_shapes(path: str, leaf: Any, node: Any) -> None:  # node: a lowered form
@@ -241,7 +242,15 @@ def _check_norms(lora: Any, norms: Any) -> dict:
     return {p: norms[p] for p in dora}
 
 
-def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False, return_norms: bool = False) -> Any:
+def merge(
+    params: Any,
+    lora: Any,
+    *,
+    donate: bool = False,
+    safe: bool = False,
+    return_norms: bool = False,
+    quantized: str | None = None,
+) -> Any:
     """Fold the adapter into the base weights for inference: ``W + scale * A @ B``.
 
     Numerically the same as :func:`apply_lora` (float32 update, one cast), with
@@ -261,12 +270,21 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False, r
       return_norms: also return DoRA's norms ``{path: n}`` (see
         :func:`lora_jax.dora_norms`), which :func:`unmerge` needs for DoRA
         kernels (``{}`` when the adapter has none).
+      quantized: required when an adapted kernel is quantized
+        (:func:`lora_jax.quantize`): ``"float"`` returns it as a float kernel
+        (as :func:`apply_lora` computes it); ``"requantize"`` quantizes the
+        float32 merge again in the kernel's format and also returns a report
+        ``{path: {"max_error": ..., "max_delta": ...}}``: the largest rounding
+        error next to the largest change the adapter made (see
+        :mod:`lora_jax.transforms._quantized_merge`).
 
     Returns:
-      The merged parameter pytree, or ``(merged, norms)`` with ``return_norms=True``.
+      The merged parameter pytree; ``(merged, norms)`` with ``return_norms=True``;
+      ``(merged, report)`` or ``(merged, norms, report)`` with ``quantized="requantize"``.
 
     Raises:
-      ValueError: on path/shape mismatches, or with ``safe=True`` on NaN/inf.
+      ValueError: on path/shape mismatches, with ``safe=True`` on NaN/inf, or
+        when an adapted kernel is quantized and ``quantized`` is not given.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -278,15 +296,23 @@ def merge(params: Any, lora: Any, *, donate: bool = False, safe: bool = False, r
       True
     """
     check_entry("merge", params, lora)
+    found = check_quantized_choice("merge", params, lora, quantized)
     if safe:
         if _is_tracing((params, lora)):
             raise ValueError("merge(safe=True) checks values on the host and cannot run under jit; use safe=False.")
         _check_finite(params, lora)
+    if quantized == "requantize":
+        again, report = requantized(lora, found)  # before _merge_like, which may donate the codes
+        merged, norms = _merge_like(params, lora, _apply_op, donate)
+        merged = map_with_paths(lambda p, w: again.get(p, w), merged)
+        return (merged, norms, report) if return_norms else (merged, report)
     merged, norms = _merge_like(params, lora, _apply_op, donate)
     return (merged, norms) if return_norms else merged
 
 
-def unmerge(params: Any, lora: Any, *, donate: bool = False, norms: dict[str, Any] | None = None) -> Any:
+def unmerge(
+    params: Any, lora: Any, *, donate: bool = False, norms: dict[str, Any] | None = None, quantized: str | None = None
+) -> Any:
     """Undo :func:`merge`: ``W - scale * A @ B`` (exact up to rounding in the base dtype).
 
     A DoRA kernel is unmerged as ``W' * (n / m) - scale * A @ B``, with ``n``
@@ -299,9 +325,11 @@ def unmerge(params: Any, lora: Any, *, donate: bool = False, norms: dict[str, An
       norms: DoRA's norms from ``merge(..., return_norms=True)`` (or
         :func:`lora_jax.dora_norms` of the original params); required when
         ``lora`` holds DoRA nodes.
+      quantized: required when an adapted kernel of ``params`` is quantized,
+        as for :func:`merge` (``"requantize"`` also returns the report).
 
     Returns:
-      The unmerged parameter pytree.
+      The unmerged parameter pytree, or ``(unmerged, report)`` with ``quantized="requantize"``.
 
     Raises:
       ValueError: on path/shape mismatches, when ``lora`` holds leaves
@@ -318,5 +346,10 @@ def unmerge(params: Any, lora: Any, *, donate: bool = False, norms: dict[str, An
       True
     """
     check_entry("unmerge", params, lora)
+    found = check_quantized_choice("unmerge", params, lora, quantized)
     norms = _check_norms(lora, norms)
+    if quantized == "requantize":
+        again, report = requantized(lora, found, norms, remove=True)
+        unmerged = _merge_like(params, lora, _remove_op, donate, norms)[0]
+        return map_with_paths(lambda p, w: again.get(p, w), unmerged), report
     return _merge_like(params, lora, _remove_op, donate, norms)[0]
