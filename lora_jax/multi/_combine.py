@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -105,15 +106,31 @@ def combine_adapters(
     lowered = checks.lowered_adapters(adapters)
     weights = checks.check_weights(weights, len(adapters))
     checks.check_options(method, lowered, rank, density, majority_sign, key, masks)
+    given = None
+    if masks is not None:
+        given = {path: [_given_masks(method, masks, i, path, low) for i, low in enumerate(lows)]
+                 for path, lows in ((path, [items[path] for items in lowered]) for path in lowered[0])}  # fmt: skip
+    for path in lowered[0]:  # the truncation rank fits every path
+        lows = [items[path] for items in lowered]
+        if method == "svd" or method in checks.ON_DELTAS:
+            _, ins, outs = _dims(lows[0])
+            k = max(low.rank for low in lows) if rank is None else rank
+            checks.check_rank(method, k, path, [low.rank for low in lows], math.prod(ins), math.prod(outs))
+    options = {"method": method, "rank": rank, "density": density, "majority_sign": majority_sign}
+    combined = _combine_all(lowered, weights, key, given, **options)
+    return map_with_paths(lambda path, node: combined[path], body(adapters[0]), is_leaf=is_adapter)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "rank", "density", "majority_sign"))
+def _combine_all(lowered, weights, key, given, *, method, rank, density, majority_sign) -> dict[str, LoraWeights]:
+    """Every path's combination, in one compiled program (the checks ran before)."""
     combined = {}
     for p, path in enumerate(lowered[0]):
         lows = [items[path] for items in lowered]
         path_key = None if key is None else jax.random.fold_in(key, p)
-        path_masks = (
-            None if masks is None else [_given_masks(method, masks, i, path, low) for i, low in enumerate(lows)]
-        )
-        combined[path] = _combine_one(method, path, lows, weights, rank, density, majority_sign, path_key, path_masks)
-    return map_with_paths(lambda path, node: combined[path], body(adapters[0]), is_leaf=is_adapter)
+        path_masks = None if given is None else given[path]
+        combined[path] = _combine_one(method, lows, weights, rank, density, majority_sign, path_key, path_masks)
+    return combined
 
 
 def _dims(low: LowRank) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -161,7 +178,7 @@ def _merge_layers(rule: str, tensors: jax.Array, weights: jax.Array, masks: Any,
     return jax.vmap(lambda t, m: merge(rule, t, weights, masks=m, **options), in_axes=1)(tensors, masks)
 
 
-def _combine_one(method, path, lows, weights, rank, density, majority_sign, path_key, path_masks) -> LoraWeights:
+def _combine_one(method, lows, weights, rank, density, majority_sign, path_key, path_masks) -> LoraWeights:
     first = lows[0]
     dtype = compute_dtype(jnp.result_type(*(low.a.dtype for low in lows), *(low.b.dtype for low in lows)))
     flats = [_flat(low, dtype) for low in lows]
@@ -179,9 +196,7 @@ def _combine_one(method, path, lows, weights, rank, density, majority_sign, path
         a = _merge_layers(rule, a_stack, jnp.where(scaled >= 0, root, -root), a_masks, **options)
         b = _merge_layers(rule, b_stack, root, b_masks, **options)
     else:
-        batch, ins, outs = _dims(first)
         k = max(low.rank for low in lows) if rank is None else rank
-        checks.check_rank(method, k, path, [low.rank for low in lows], math.prod(ins), math.prod(outs))
         if method == "svd":
             stacked_a = jnp.concatenate([fa * c for (fa, _), c in zip(flats, scaled, strict=True)], axis=-1)
             a, b = factored_svd(stacked_a, jnp.concatenate([fb for _, fb in flats], axis=-2), k)
