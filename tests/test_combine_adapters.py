@@ -3,6 +3,7 @@ task-arithmetic identities, multi-axis layouts, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import _jaxpr_shapes
@@ -32,12 +33,14 @@ class Net(torch.nn.Module):
         return self.fc2(torch.tanh(self.fc1(self.emb(ids))))
 
 
-def peft_model(ranks_alphas):
+def peft_model(ranks_alphas, rslora=False):
     """A PEFT model with adapters a0, a1, ... of the given (rank, alpha), random A and B."""
     torch.manual_seed(0)
     model = None
     for i, (r, alpha) in enumerate(ranks_alphas):
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=list(TARGETS), init_lora_weights=False, use_rslora=rslora
+        )
         if model is None:
             model = peft.get_peft_model(Net(), config, adapter_name=f"a{i}")
         else:
@@ -117,7 +120,7 @@ UNEQUAL = [(3, 6), (2, 2), (4, 9)]
 WEIGHTS = [0.7, -0.4, 1.3]
 
 
-def combine_in_peft(model, n, method, density=None, majority_sign="total"):
+def combine_in_peft(model, n, method, density=None, majority_sign="total", scaling=1.0):
     model.add_weighted_adapter(
         [f"a{i}" for i in range(n)],
         WEIGHTS[:n],
@@ -127,7 +130,7 @@ def combine_in_peft(model, n, method, density=None, majority_sign="total"):
         majority_sign_method=majority_sign,
     )
     for module in TARGETS:
-        assert _layer(model, module).scaling["mix"] == 1.0  # r = lora_alpha = new rank
+        assert _layer(model, module).scaling["mix"] == scaling  # r = lora_alpha = new rank
     return model
 
 
@@ -211,6 +214,21 @@ def test_svd_methods_equal_peft_deltas(method, density, monkeypatch):
     tree = lora_jax.combine_adapters(adapters, WEIGHTS, method=method, **kwargs)
     assert tree["fc1"]["kernel"].rank == 4
     assert_same_deltas(model, tree)
+
+
+def test_rslora_scale_is_applied_once_where_peft_applies_it_again():
+    """PEFT 0.21's combined adapter copies use_rslora: its scaling is sqrt(R), not 1, on top of the folded
+    scales (fixed upstream in PEFT PR #3449). Ours is the exact weighted sum; PEFT's is sqrt(R) times it."""
+    model = peft_model(UNEQUAL, rslora=True)
+    adapters = [ours(model, f"a{i}") for i in range(3)]
+    exact = [our_delta(a) for a in adapters]
+    tree = lora_jax.combine_adapters(adapters, WEIGHTS, method="cat")
+    combine_in_peft(model, 3, "cat", scaling=math.sqrt(9))
+    theirs = peft_delta(model, "mix")
+    for module in TARGETS:
+        want = sum(w * d[module] for w, d in zip(WEIGHTS, exact, strict=True))
+        np.testing.assert_allclose(our_delta(tree)[module], want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(theirs[module], math.sqrt(9) * want, atol=1e-4, rtol=0)
 
 
 def test_svd_output_in_peft_matches_forward():
@@ -353,6 +371,23 @@ def test_linear_has_cross_terms(pair):
     assert np.abs(_deltas(lin)[0] - exact[0]).max() > 1e-2
 
 
+def test_vera_adapters_combine_through_their_low_rank_form():
+    params = {"dense": {"kernel": jnp.ones((6, 5))}}
+    spec = lora_jax.LoraSpec(rank=3, targets=["dense"], vera=True)
+    veras = []
+    for i in (0, 1):
+        v = lora_jax.init_lora(jax.random.key(i), params, spec)
+        node = v["dense"]["kernel"]
+        v["dense"]["kernel"] = dataclasses.replace(node, b=jnp.linspace(0.5, 1.5 + i, node.b.shape[-1]))
+        veras.append(v)
+    deltas = [lora_jax.apply_lora(params, v)["dense"]["kernel"] - params["dense"]["kernel"] for v in veras]
+    assert np.abs(deltas[0]).max() > 1e-3
+    mix = lora_jax.combine_adapters(veras, [0.4, -1.2], method="cat")
+    node = mix["dense"]["kernel"]
+    assert isinstance(node, lora_jax.LoraWeights) and node.rank == 6
+    np.testing.assert_allclose(node.delta(), 0.4 * deltas[0] - 1.2 * deltas[1], atol=1e-5, rtol=0)
+
+
 def test_jit_with_weights_as_data(pair):
     _, (a, b) = pair
     f = jax.jit(lambda w: lora_jax.combine_adapters([a, b], w, method="svd", rank=3))
@@ -379,7 +414,7 @@ def test_dare_with_key_draws_masks(pair):
 # ---------------------------------------------------------------- multi-axis kernels act as PEFT's 2-D view
 
 
-@pytest.mark.parametrize("method", ["cat", "linear", "ties", "magnitude_prune"])
+@pytest.mark.parametrize("method", ["cat", "linear", "ties"])
 def test_multi_axis_equals_its_2d_view(method):
     """An "ioo" kernel (6, 2, 3) combines as the flattened (6, 6) kernel; a "bio" stack layer by layer."""
     kw = {"density": 0.5} if method in ("ties", "magnitude_prune") else {}

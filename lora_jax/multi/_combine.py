@@ -35,16 +35,17 @@ def combine_adapters(
     """One adapter from a weighted combination of adapters for the same params (PEFT's ``add_weighted_adapter``).
 
     Write ``delta_i = s_i * A_i @ B_i`` for adapter ``i`` at one kernel (``s_i`` its scale) and ``w_i`` its
-    weight. The result is a tree of :class:`lora_jax.LoraWeights` with ``scale=1.0`` (every weight and scale
-    folded into the factors, applied once), the structure, layout and dropout of ``adapters[0]``:
+    weight. The result is a tree of :class:`lora_jax.LoraWeights` with ``scale=1.0``, every weight and scale
+    folded into the factors and applied once (PEFT 0.21 applies one more when the sources use rslora: its
+    combined adapter copies ``use_rslora``, so ``r = lora_alpha = new rank`` scales by ``sqrt(new rank)``;
+    fixed upstream in PEFT PR #3449), with the structure, layouts and dropout of ``adapters[0]``:
 
     * ``"cat"``: exact, ``sum_i w_i * delta_i``, the ranks concatenated (rank ``sum r_i``;
       ``A = [w_1 s_1 A_1, ...]``, ``B = [B_1; ...]`` as PEFT). The reference for the others.
     * ``"svd"``: the rank-``rank`` truncated SVD of ``sum_i w_i * delta_i`` (default rank: the largest
       ``r_i``, as PEFT), computed from the factors: a QR of the stacked A's and of the stacked B's and an
-      SVD of the small ``R x R`` core (``R = sum r_i``), never an ``(in, out)`` matrix. Unlike PEFT 0.21
-      (whose combined adapter copies ``use_rslora`` and rescales once more, PEFT PR #3449), each scale is
-      applied once. ``rank`` may not exceed ``R`` nor ``min(fan_in, fan_out)``.
+      SVD of the small ``R x R`` core (``R = sum r_i``), never an ``(in, out)`` matrix. ``rank`` may
+      not exceed ``R`` nor ``min(fan_in, fan_out)``.
     * ``"linear"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: PEFT's rules,
       which act on the A's and on the B's SEPARATELY (equal ranks needed): with
       ``c_i = w_i * s_i``, ``A = rule({A_i}, sign(c_i) sqrt|c_i|)`` and ``B = rule({B_i}, sqrt|c_i|)``. The
