@@ -477,3 +477,18 @@ def test_dora_is_refused():
     with pytest.raises(ValueError, match=r"adapters\[0\]\) at dense/kernel: expected a low-rank adapter without a "
                                          r"magnitude, found a DoRA adapter"):  # fmt: skip
         lora_jax.combine_adapters([dora, dora], [0.5, 0.5], method="cat")
+
+
+@pytest.mark.parametrize("method", ["cat", "ties", "svd"])
+def test_bfloat16_adapters_stay_bfloat16_under_strict_promotion(strict_promotion, method):
+    adapters = [
+        {"w": {"kernel": lora_jax.LoraWeights(n["w"]["kernel"].a.astype(jnp.bfloat16),
+                                              n["w"]["kernel"].b.astype(jnp.bfloat16), scale=n["w"]["kernel"].scale)}}
+        for n in _random_adapters(4, "io", (6, 5), [2, 2])
+    ]  # fmt: skip
+    kw = {"density": 0.5} if method == "ties" else {"rank": 3} if method == "svd" else {}
+    node = lora_jax.combine_adapters(adapters, [0.5, -1.0], method=method, **kw)["w"]["kernel"]
+    assert node.a.dtype == node.b.dtype == jnp.bfloat16
+    if method == "cat":
+        want = 0.5 * adapters[0]["w"]["kernel"].delta() - adapters[1]["w"]["kernel"].delta()
+        np.testing.assert_allclose(node.delta(), want, atol=0.05, rtol=0.02)
