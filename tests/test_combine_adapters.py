@@ -231,7 +231,7 @@ def test_rslora_scale_is_applied_once_where_peft_applies_it_again():
         np.testing.assert_allclose(theirs[module], math.sqrt(9) * want, atol=1e-4, rtol=0)
 
 
-def test_svd_output_in_peft_matches_forward():
+def test_cat_adapter_gives_peft_forward_outputs():
     """The combined adapter, exported with our PEFT writer, gives PEFT's forward outputs with its own combination."""
     model = peft_model(UNEQUAL)
     adapters = [ours(model, f"a{i}") for i in range(3)]
