@@ -181,7 +181,8 @@ def _merge_layers(rule: str, tensors: jax.Array, weights: jax.Array, masks: Any,
 
 def _combine_one(method, lows, weights, rank, density, majority_sign, path_key, path_masks) -> LoraWeights:
     first = lows[0]
-    dtype = compute_dtype(jnp.result_type(*(low.a.dtype for low in lows), *(low.b.dtype for low in lows)))
+    wide = [compute_dtype(x.dtype) for low in lows for x in (low.a, low.b)]  # float32, or float64 if any is
+    dtype = jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in wide else jnp.dtype(jnp.float32)
     flats = [_flat(low, dtype) for low in lows]
     scaled = weights.astype(dtype) * jnp.asarray([low.scale for low in lows], dtype)
     rule = checks.rule_of(method)
