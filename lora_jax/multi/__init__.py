@@ -1,0 +1,1 @@
+"""Several adapters over one base: combining them into one."""
