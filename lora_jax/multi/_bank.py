@@ -13,6 +13,7 @@ them all with one trace, and a slot can be replaced
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,13 +126,19 @@ class AdapterBank:
                         found_is_text=True,
                     )
                 )
-        arrays = {"a": dict(self.a), "b": dict(self.b), "m": dict(self.m)}
-        for form in self.forms:
-            dtypes = (self.a[form.path].dtype, self.b[form.path].dtype)
-            base = None if bases is None else bases.get(form.path)
-            for name, x in slot(form, lows.get(form.path), base, dtypes, where).items():
-                arrays[name][form.path] = arrays[name][form.path].at[i].set(x)
-        return AdapterBank(arrays["a"], arrays["b"], arrays["m"], self.forms)
+        needed = {} if bases is None else {f.path: bases[f.path] for f in self.forms if f.dora and f.path in bases}
+        return AdapterBank(*_replaced(self.forms, (self.a, self.b, self.m), lows, needed, i), self.forms)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _replaced(forms: tuple[Form, ...], arrays: tuple[dict, ...], lows: dict[str, LowRank], bases: dict, i: Any) -> tuple:
+    """The bank's arrays with slot ``i`` rewritten (``i`` traced: one program for every slot)."""
+    out = {"a": dict(arrays[0]), "b": dict(arrays[1]), "m": dict(arrays[2])}
+    for form in forms:
+        dtypes = (out["a"][form.path].dtype, out["b"][form.path].dtype)
+        for name, x in slot(form, lows.get(form.path), bases.get(form.path), dtypes, "AdapterBank.replace").items():
+            out[name][form.path] = out[name][form.path].at[i].set(x)
+    return out["a"], out["b"], out["m"]
 
 
 def check_slot(i: Any, size: int, where: str) -> int:
@@ -210,14 +217,22 @@ def stack(adapters: Sequence[Any], *, params: Any = None) -> AdapterBank:
         raise ValueError(
             expected(f"{where}(adapters=...)", "adapters with at least one adapted kernel", "no adapted kernel", found_is_text=True)
         )
+    needed = {} if bases is None else {p: bases[p] for p, f in forms.items() if f.dora and p in bases}
+    a, b, m = _stacked(tuple(forms.values()), lowered, needed)
+    return AdapterBank(a, b, m, tuple(forms.values()))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stacked(forms: tuple[Form, ...], lowered: list[dict[str, LowRank]], bases: dict[str, Any]) -> tuple[dict, ...]:
+    """The bank's arrays (one compiled program per bank layout, not one small program per array op)."""
     arrays: dict[str, dict[str, jax.Array]] = {"a": {}, "b": {}, "m": {}}
-    for path, form in forms.items():
+    for form in forms:
+        path = form.path
         dtypes = serving_dtypes([lows[path] for lows in lowered if path in lows])
-        base = None if bases is None else bases.get(path)
-        slots = [slot(form, lows.get(path), base, dtypes, f"{where}: adapter {k}") for k, lows in enumerate(lowered)]
+        slots = [slot(form, lows.get(path), bases.get(path), dtypes, f"stack: adapter {k}") for k, lows in enumerate(lowered)]
         for name in slots[0]:
             arrays[name][path] = jnp.stack([s[name] for s in slots])
-    return AdapterBank(arrays["a"], arrays["b"], arrays["m"], tuple(forms.values()))
+    return arrays["a"], arrays["b"], arrays["m"]
 
 
 def slot_arrays(bank: AdapterBank, i: Any) -> dict[str, dict[str, jax.Array]]:
