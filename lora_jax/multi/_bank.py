@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._lowered import LowRank
@@ -131,7 +133,9 @@ class AdapterBank:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _replaced(forms: tuple[Form, ...], arrays: tuple[dict, ...], lows: dict[str, LowRank], bases: dict, i: Any) -> tuple:
+def _replaced(
+    forms: tuple[Form, ...], arrays: tuple[dict, ...], lows: dict[str, LowRank], bases: dict, i: Any
+) -> tuple:
     """The bank's arrays with slot ``i`` rewritten (``i`` traced: one program for every slot)."""
     out = {"a": dict(arrays[0]), "b": dict(arrays[1]), "m": dict(arrays[2])}
     for form in forms:
@@ -143,11 +147,8 @@ def _replaced(forms: tuple[Form, ...], arrays: tuple[dict, ...], lows: dict[str,
 
 def check_slot(i: Any, size: int, where: str) -> int:
     """A concrete slot index in ``[0, size)``."""
-    if isinstance(i, bool) or not isinstance(i, int):
-        try:
-            i = int(i) if hasattr(i, "__index__") else i
-        except TypeError:
-            pass
+    if not isinstance(i, (bool, int)) and hasattr(i, "__index__") and not np.ndim(i):
+        i = operator.index(i)  # a NumPy or concrete JAX integer scalar
     if isinstance(i, bool) or not isinstance(i, int):
         raise TypeError(expected(f"{where}(i=...)", "a slot number (an int)", i))
     if not 0 <= i < size:
@@ -215,7 +216,12 @@ def stack(adapters: Sequence[Any], *, params: Any = None) -> AdapterBank:
     forms = _forms.forms_of(lowered, bases, where)
     if not forms:
         raise ValueError(
-            expected(f"{where}(adapters=...)", "adapters with at least one adapted kernel", "no adapted kernel", found_is_text=True)
+            expected(
+                f"{where}(adapters=...)",
+                "adapters with at least one adapted kernel",
+                "no adapted kernel",
+                found_is_text=True,
+            )
         )
     needed = {} if bases is None else {p: bases[p] for p, f in forms.items() if f.dora and p in bases}
     a, b, m = _stacked(tuple(forms.values()), lowered, needed)
@@ -229,7 +235,9 @@ def _stacked(forms: tuple[Form, ...], lowered: list[dict[str, LowRank]], bases: 
     for form in forms:
         path = form.path
         dtypes = serving_dtypes([lows[path] for lows in lowered if path in lows])
-        slots = [slot(form, lows.get(path), bases.get(path), dtypes, f"stack: adapter {k}") for k, lows in enumerate(lowered)]
+        slots = [
+            slot(form, lows.get(path), bases.get(path), dtypes, f"stack: adapter {k}") for k, lows in enumerate(lowered)
+        ]
         for name in slots[0]:
             arrays[name][path] = jnp.stack([s[name] for s in slots])
     return arrays["a"], arrays["b"], arrays["m"]
@@ -246,8 +254,11 @@ def slot_arrays(bank: AdapterBank, i: Any) -> dict[str, dict[str, jax.Array]]:
         got = jax.lax.dynamic_index_in_dim(x, j, axis=0, keepdims=False)
         return jnp.where(valid, got, jnp.full((), jnp.nan, got.dtype))
 
-    return {"a": {p: take(x) for p, x in bank.a.items()}, "b": {p: take(x) for p, x in bank.b.items()},
-            "m": {p: take(x) for p, x in bank.m.items()}}
+    return {
+        "a": {p: take(x) for p, x in bank.a.items()},
+        "b": {p: take(x) for p, x in bank.b.items()},
+        "m": {p: take(x) for p, x in bank.m.items()},
+    }
 
 
 def serving_tree(forms: tuple[Form, ...], arrays: dict[str, dict[str, jax.Array]]) -> dict[str, Any]:

@@ -41,7 +41,9 @@ def lowered_adapter(lora: Any, k: int | None, where: str) -> dict[str, LowRank]:
     label = f"{where}: adapter {k}" if k is not None else f"{where}: the adapter"
     if not isinstance(lora, Mapping):
         raise TypeError(
-            expected(label, "an adapter tree (a dict of LoraWeights / DoraWeights nodes)", lora, "Pass init_lora's tree")
+            expected(
+                label, "an adapter tree (a dict of LoraWeights / DoraWeights nodes)", lora, "Pass init_lora's tree"
+            )
         )
     nodes = adapter_items(lora)
     out: dict[str, LowRank] = {}
@@ -133,4 +135,3 @@ def forms_of(lowered: list[dict[str, LowRank]], bases: dict[str, Any] | None, wh
         path: Form(path, ref.layout, ref.kind, ranks[path], tuple(ref.kernel_shape), dora[path])
         for path, (_, ref) in first.items()
     }
-

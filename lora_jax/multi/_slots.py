@@ -68,8 +68,8 @@ def _needs_base(form: Form, why: str, base: Any, where: str) -> Any:
                 f"{where}: {form.path}",
                 "the base params, to write this adapter into the bank's DoRA form",
                 why,
-                f"pass params=..., e.g. lora_jax.stack(adapters, params=params): the identity on a DoRA path has "
-                f"m = ‖W‖ over the input axes, and a LoRA adapter there m = ‖W + s·A·B‖",
+                "pass params=..., e.g. lora_jax.stack(adapters, params=params): the identity on a DoRA path has "
+                "m = ‖W‖ over the input axes, and a LoRA adapter there m = ‖W + s·A·B‖",
                 found_is_text=True,
             )
         )
