@@ -6,7 +6,6 @@ rank, scale, targets, node type); float64 for the small MLP (tolerance 1e-12), f
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import subprocess
@@ -22,7 +21,7 @@ import lora_jax
 from lora_jax import LoraSpec, apply_lora, init_lora, mixed_batch, select, stack
 from lora_jax.models.gpt import ATTENTION, MLP
 from tests._jaxpr_shapes import eqn_shapes
-from tests._small_models import GPT, gpt_config, gpt_params, lora_axes, tokens_for
+from tests._small_models import GPT, gpt_config, gpt_params, lora_axes, random_like, tokens_for
 from tests._xla_env import xla_env
 
 F64 = 1e-12
@@ -53,43 +52,19 @@ def mlp(p, x):
     return jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"]) @ p["down"]["kernel"]
 
 
-def perturb_magnitudes(lora, seed):
-    """DoRA nodes with m scaled by random factors in [0.5, 1.5] (init makes m = n: a no-op)."""
-    rng = np.random.default_rng(seed)
-
-    def one(node):
-        if isinstance(node, lora_jax.DoraWeights):
-            return dataclasses.replace(node, m=node.m * jnp.asarray(rng.uniform(0.5, 1.5, node.m.shape), node.m.dtype))
-        return node
-
-    return jax.tree_util.tree_map(one, lora, is_leaf=lora_jax.is_adapter)
-
-
-def vera_with_b(params, spec, seed):
-    lora = init(seed, params, spec)
-    rng = np.random.default_rng(seed)
-
-    def one(node):
-        if isinstance(node, lora_jax.VeraWeights):
-            return dataclasses.replace(node, b=jnp.asarray(rng.normal(0, 0.5, node.b.shape), node.b.dtype))
-        return node
-
-    return jax.tree_util.tree_map(one, lora, is_leaf=lora_jax.is_adapter)
-
-
 def mlp_adapters(params, *, dora=True):
     """Different ranks, alphas, rslora, target sets and node types (LoRA, DoRA, VeRA)."""
     f = "float64"
     out = [
-        init(0, params, LoraSpec(rank=2, alpha=4.0, init="random", dtype=f)),
-        init(1, params, LoraSpec(rank=4, alpha=2.0, rslora=True, targets=["down"], init="random", dtype=f)),
-        init(3, params, LoraSpec(rank=1, alpha=8.0, targets=["up"], init="random", dtype=f)),
+        init(0, params, LoraSpec(rank=2, alpha=4.0, dtype=f)),
+        init(1, params, LoraSpec(rank=4, alpha=2.0, rslora=True, targets=["down"], dtype=f)),
+        init(3, params, LoraSpec(rank=1, alpha=8.0, targets=["up"], dtype=f)),
     ]
     if dora:
-        spec = LoraSpec(rank=3, alpha=3.0, dora=True, targets=["up"], init="random", dtype=f)
-        out.insert(2, perturb_magnitudes(init(2, params, spec), 2))
+        spec = LoraSpec(rank=3, alpha=3.0, dora=True, targets=["up"], dtype=f)
+        out.insert(2, init(2, params, spec))
     else:
-        out.append(vera_with_b(params, LoraSpec(rank=3, vera=True, targets=["up", "down"], dtype=f), 4))
+        out.append(init(4, params, LoraSpec(rank=3, vera=True, targets=["up", "down"], dtype=f)))
     return out
 
 
@@ -103,12 +78,12 @@ def jitted(fn):
     return jax.jit(fn)
 
 
-_init = jax.jit(init_lora, static_argnums=2)
+def init(seed, params, spec):
+    """``init_lora``'s tree for ``spec`` with every array random N(0, 0.2) (DoRA's m too, so m != ‖W + s·A·B‖).
 
-
-def init(key, params, spec):
-    """``init_lora`` compiled as one program (eager, each op would compile on its own: seconds on 2 cores)."""
-    return _init(jax.random.key(key), params, spec)
+    Filled with NumPy (``random_like``): an XLA compile of init_lora's random init costs seconds on 2 cores.
+    """
+    return random_like(jax.eval_shape(lambda p: init_lora(jax.random.key(0), p, spec), params), seed)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +182,7 @@ def test_mixed_batch_retraces_for_no_new_ids_or_bank_contents(x64, dora_case):
     ids_list = [jnp.array([0, 1, 2, 3, -1]), jnp.array([3, 3, -1, 0, 1])]
     for ids in ids_list:
         np.testing.assert_allclose(run(params, bank, ids, x), reference_rows(mlp, params, adapters, ids, x), atol=F64)
-    new = init(9, params, LoraSpec(rank=2, alpha=5.0, targets=["down"], init="random", dtype="float64"))
+    new = init(9, params, LoraSpec(rank=2, alpha=5.0, targets=["down"], dtype="float64"))
     swapped = bank.replace(1, new, params=params)
     adapters2 = [*adapters[:1], new, *adapters[2:]]
     ids = ids_list[1]
@@ -240,7 +215,7 @@ def test_mixed_batch_forms_no_kernel_per_adapter_or_example(x64, dora_case):
 
 # ------------------------------------------------------------------ the demo's GPT, float32
 
-CFG = gpt_config(vocab=16, max_len=8)
+CFG = gpt_config(vocab=16, max_len=8, layers=1)
 GPT_ATOL = 2e-5
 
 
@@ -249,20 +224,12 @@ def gpt_forward(p, tokens):
 
 
 def gpt_adapters(params):
+    """LoRA on every block kernel, rsLoRA of rank 4 on query/value, DoRA on the MLP and query."""
     axes = lora_axes(CFG)
     return [
-        init(10, params, LoraSpec(rank=2, alpha=4.0, targets=list(ATTENTION + MLP), axes=axes, init="random")),
-        init(
-            11, params, LoraSpec(rank=4, alpha=16.0, rslora=True, targets=["query", "value"], axes=axes, init="random")
-        ),
-        perturb_magnitudes(
-            init(
-                12,
-                params,
-                LoraSpec(rank=2, dora=True, targets=["mlp_in", "mlp_out", "query"], axes=axes, init="random"),
-            ),
-            12,
-        ),
+        init(10, params, LoraSpec(rank=2, alpha=4.0, targets=list(ATTENTION + MLP), axes=axes)),
+        init(11, params, LoraSpec(rank=4, alpha=16.0, rslora=True, targets=["query", "value"], axes=axes)),
+        init(12, params, LoraSpec(rank=2, dora=True, targets=["mlp_in", "mlp_out", "query"], axes=axes)),
     ]
 
 
@@ -327,22 +294,24 @@ def test_hot_swap_serves_every_slot_and_loaded_adapters_with_one_trace(gpt_bank,
     for i, lora in enumerate(adapters):
         check(select(bank, i), lora)
     axes = lora_axes(CFG)
-    spec = LoraSpec(rank=2, alpha=6.0, targets=["query", "mlp_in"], axes=axes, init="random")
+    spec = LoraSpec(rank=2, alpha=6.0, targets=["query", "mlp_in"], axes=axes)
     saved = init(20, params, spec)
     loaded, _ = lora_jax.load_adapter(lora_jax.save_adapter(tmp_path / "orbax", saved, spec), params=params)
-    peft_spec = LoraSpec(rank=2, alpha=2.0, targets=["value", "mlp_out"], axes=axes, init="random")
+    peft_spec = LoraSpec(rank=2, alpha=2.0, targets=["value", "mlp_out"], axes=axes)
     exported = init(21, params, peft_spec)
     imported, _ = lora_jax.import_peft(lora_jax.export_peft(tmp_path / "peft", exported, peft_spec), params, axes=axes)
     swapped = bank.replace(0, loaded, params=params).replace(2, imported, params=params)
     for i, lora in enumerate([loaded, adapters[1], imported]):
         check(select(swapped, i), lora)
     assert traces == {"forward": 1, "greedy": 1}
-    # the mixed batch serves the swapped bank too: greedy decoding per example with its own adapter
+
+
+def test_mixed_batch_greedy_decoding_rows_equal_their_own_adapter(gpt_bank):
+    params, adapters, bank = gpt_bank
     ids = jnp.array([2, -1, 0, 1])
     prompts = tokens_for(CFG, batch=4, seed=6)[:, :5]
-    got = jax.jit(mixed_batch(greedy))(params, swapped, ids, prompts)
-    want = reference_rows(greedy, params, [loaded, adapters[1], imported], ids, prompts)
-    np.testing.assert_array_equal(got, want)
+    got = jax.jit(mixed_batch(greedy))(params, bank, ids, prompts)
+    np.testing.assert_array_equal(got, reference_rows(greedy, params, adapters, ids, prompts))
 
 
 # ------------------------------------------------------------------ bad input

@@ -243,6 +243,7 @@ def _stacked(forms: tuple[Form, ...], lowered: list[dict[str, LowRank]], bases: 
     return arrays["a"], arrays["b"], arrays["m"]
 
 
+@jax.jit
 def slot_arrays(bank: AdapterBank, i: Any) -> dict[str, dict[str, jax.Array]]:
     """``{"a": {path: ...}, "b": ..., "m": ...}`` of slot ``i`` (a traced int: NaN arrays where out of range)."""
     size = len(bank)
