@@ -165,8 +165,9 @@ def test_mixed_batch_rows_equal_their_own_adapter_mlp(x64, mlp_case):
     x = jnp.asarray(np.random.default_rng(6).normal(size=(7, 6)))
     ids = jnp.array([3, -1, 0, 2, 1, 0, -1])
     want = reference_rows(mlp, params, adapters, ids, x)
-    np.testing.assert_allclose(mixed_batch(mlp)(params, bank, ids, x), want, atol=F64)
     np.testing.assert_allclose(jax.jit(mixed_batch(mlp))(params, bank, ids, x), want, atol=F64)
+    if not bank.m:  # eager too (op by op: slow on 2 cores, so once)
+        np.testing.assert_allclose(mixed_batch(mlp)(params, bank, ids, x), want, atol=F64)
 
 
 def test_mixed_batch_retraces_for_no_new_ids_or_bank_contents(x64, dora_case):
@@ -284,12 +285,9 @@ def test_hot_swap_serves_every_slot_and_loaded_adapters_with_one_trace(gpt_bank,
     ref_greedy = jax.jit(greedy)
 
     def check(lora_in_bank, lora):
-        np.testing.assert_allclose(
-            serve(params, lora_in_bank, tokens), ref_forward(apply_lora(params, lora), tokens), atol=GPT_ATOL
-        )
-        np.testing.assert_array_equal(
-            decode(params, lora_in_bank, prompt), ref_greedy(apply_lora(params, lora), prompt)
-        )
+        applied = apply_lora(params, lora)
+        np.testing.assert_allclose(serve(params, lora_in_bank, tokens), ref_forward(applied, tokens), atol=GPT_ATOL)
+        np.testing.assert_array_equal(decode(params, lora_in_bank, prompt), ref_greedy(applied, prompt))
 
     for i, lora in enumerate(adapters):
         check(select(bank, i), lora)
