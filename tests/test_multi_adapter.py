@@ -65,6 +65,7 @@ def mlp_adapters(params, *, dora=True):
         out.insert(2, init(2, params, spec))
     else:
         out.append(init(4, params, LoraSpec(rank=3, vera=True, targets=["up", "down"], dtype=f)))
+        out.append(init(5, params, LoraSpec(rank=2, alpha=3.0, adalora=True, targets=["down"], dtype=f)))
     return out
 
 
@@ -97,7 +98,7 @@ def dora_case():
 
 @pytest.fixture(scope="module")
 def lora_case():
-    """As :func:`dora_case` with a VeRA adapter in place of the DoRA one, stacked without params."""
+    """As :func:`dora_case` with VeRA (up, down) in place of the DoRA adapter, and AdaLoRA (down); no params."""
     with jax.enable_x64(True):
         params = mlp_params()
         adapters = mlp_adapters(params, dora=False)
@@ -152,12 +153,21 @@ def test_stack_folds_scale_and_pads_rank(x64, lora_case):
     _, adapters, bank = lora_case  # no DoRA: stacked without params
     one = adapters[0]["down"]["kernel"]
     a, b = bank.a["down/kernel"], bank.b["down/kernel"]
-    assert a.shape == (4, 10, 4) and b.shape == (4, 4, 5)
+    assert a.shape == (5, 10, 4) and b.shape == (5, 4, 5)
     np.testing.assert_array_equal(a[0, :, :2], one.a)
     np.testing.assert_array_equal(a[0, :, 2:], 0)
     np.testing.assert_allclose(b[0, :2], one.scale * one.b, atol=F64)
     np.testing.assert_array_equal(b[0, 2:], 0)
     np.testing.assert_array_equal(b[2], 0)  # adapter 2 does not target down: the identity
+
+
+def test_bfloat16_adapters_keep_bfloat16_a_and_fold_the_scale_into_a_float32_b():
+    params = mlp_params("float32")
+    loras = [init(k, params, LoraSpec(rank=k + 1, alpha=3.0, dtype="bfloat16")) for k in range(2)]
+    bank = stack(loras)
+    assert bank.a["up/kernel"].dtype == jnp.bfloat16 and bank.b["up/kernel"].dtype == jnp.float32
+    for i, lora in enumerate(loras):
+        assert_trees_close(apply_lora(params, select(bank, i)), apply_lora(params, lora), 1e-6)
 
 
 def test_mixed_batch_rows_equal_their_own_adapter_mlp(x64, mlp_case):
@@ -399,8 +409,8 @@ def test_replace_refuses_what_does_not_fit_the_bank(x64, lora_case):
     dora = init(0, params, LoraSpec(rank=1, dora=True, targets=["up"], dtype="float64"))
     with pytest.raises(ValueError, match=r"no DoRA magnitude, found a DoRA adapter"):
         bank.replace(0, dora)
-    with pytest.raises(IndexError, match=r"AdapterBank.replace\(i=...\): expected a slot in \[0, 4\)"):
-        bank.replace(4, adapters[0])
+    with pytest.raises(IndexError, match=r"AdapterBank.replace\(i=...\): expected a slot in \[0, 5\)"):
+        bank.replace(5, adapters[0])
     with pytest.raises(TypeError, match=r"mixed_batch\(fn\)\(bank=...\): expected an AdapterBank"):
         mixed_batch(mlp)(params, adapters[0], jnp.zeros(2, jnp.int32), jnp.ones((2, 6)))
 
