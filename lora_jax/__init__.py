@@ -32,7 +32,12 @@ from lora_jax.io._orbax_load import read_adapter_meta as read_adapter_meta
 from lora_jax.io._peft_export import export_peft as export_peft
 from lora_jax.io._peft_import import import_peft as import_peft
 from lora_jax.io._peft_names import default_name_map as default_name_map
+from lora_jax.multi._bank import AdapterBank as AdapterBank
+from lora_jax.multi._bank import select as select
+from lora_jax.multi._bank import stack as stack
 from lora_jax.multi._combine import combine_adapters as combine_adapters
+from lora_jax.multi._mixed import mixed_batch as mixed_batch
+from lora_jax.multi._sharding import bank_shardings as bank_shardings
 from lora_jax.parallel._init import init_lora_sharded as init_lora_sharded
 from lora_jax.parallel._optimizer import optimizer_shardings as optimizer_shardings
 from lora_jax.parallel._sharding import adapter_partition_specs as adapter_partition_specs

@@ -7,6 +7,7 @@ the first iteration's base is exactly ``lora_jax.quantize``'s; the result trains
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -57,7 +58,7 @@ def test_the_error_is_below_nf4s_own_and_never_rises_from_one_iteration_to_the_n
         assert base["dense"]["bias"] is PARAMS["dense"]["bias"]
         errors.append(_error(PARAMS, base, lora))
     assert errors[0] < 0.95 * nf4, (errors, nf4)
-    assert all(b <= a for a, b in zip(errors, errors[1:])), errors
+    assert all(b <= a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < errors[0]
 
 
@@ -127,7 +128,7 @@ def test_a_loftq_adapter_trains_under_factored_on_its_quantized_base():
 
 def test_export_writes_a_plain_lora_for_the_loftq_base_and_refuses_the_rank_2r_conversion(tmp_path):
     spec = _spec(1)
-    base, lora = lora_jax.init_lora_and_base(jax.random.key(0), PARAMS, spec)
+    _, lora = lora_jax.init_lora_and_base(jax.random.key(0), PARAMS, spec)
     out = lora_jax.export_peft(tmp_path / "peft", lora, spec)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True  # PEFT's "loftq" would need a loftq_config and redo LoftQ

@@ -1,1 +1,2 @@
-"""Several adapters over one base: combining them into one."""
+"""Many adapters over one base: the adapter bank, mixed batches, hot swapping, weighted combination. Private; see
+:mod:`lora_jax`."""
