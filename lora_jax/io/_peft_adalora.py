@@ -58,7 +58,7 @@ class AdaLoraAllocation(NamedTuple):
       mask: ``{kernel path: bool (r,)}``, the kept triplets (``AdaLoraState.mask``), or None (nothing pruned).
       schedule: :func:`lora_jax.adalora_allocator`'s keyword arguments (``target_r``, ``total_step``,
         ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``); missing ones take PEFT's defaults
-        (``target_r`` the rank, ``total_step`` 1).
+        (``target_r`` the rank, ``total_step`` 1); None for all defaults.
       orth_reg_weight: the weight of :func:`lora_jax.orthogonal_regularizer` in the loss (PEFT's 0.5).
 
     Example:
@@ -68,7 +68,7 @@ class AdaLoraAllocation(NamedTuple):
     """
 
     mask: dict[str, Any] | None = None
-    schedule: dict[str, Any] = {}
+    schedule: dict[str, Any] | None = None
     orth_reg_weight: float = 0.5
 
 
@@ -86,6 +86,7 @@ def has_adalora(lora: Any) -> bool:
 
 
 def _schedule(schedule: Any, rank: int) -> dict[str, Any]:
+    schedule = {} if schedule is None else schedule
     if not isinstance(schedule, dict) or set(schedule) - set(_SCHEDULE):
         raise ValueError(
             expected(

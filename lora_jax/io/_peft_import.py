@@ -25,6 +25,7 @@ from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.errors._messages import expected
 from lora_jax.io._files import as_path
+from lora_jax.io._peft_adalora import import_adalora, is_adalora
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -39,7 +40,6 @@ from lora_jax.io._peft_names import (
     pattern_key,
 )
 from lora_jax.io._peft_read import config_values, read_peft
-from lora_jax.io._peft_adalora import import_adalora, is_adalora
 from lora_jax.io._peft_vera import import_vera, is_vera
 from lora_jax.spec._spec import LoraSpec, lora_scale
 from lora_jax.targets import _layout
