@@ -29,6 +29,8 @@ from lora_jax.io._orbax import adapter_checkpoint_args as adapter_checkpoint_arg
 from lora_jax.io._orbax import save_adapter as save_adapter
 from lora_jax.io._orbax_load import load_adapter as load_adapter
 from lora_jax.io._orbax_load import read_adapter_meta as read_adapter_meta
+from lora_jax.io._peft_adalora import AdaLoraAllocation as AdaLoraAllocation
+from lora_jax.io._peft_adalora import import_adalora_allocation as import_adalora_allocation
 from lora_jax.io._peft_export import export_peft as export_peft
 from lora_jax.io._peft_import import import_peft as import_peft
 from lora_jax.io._peft_names import default_name_map as default_name_map

@@ -184,6 +184,7 @@ def export_peft(
     fan_in_fan_out: bool = False,
     overwrite: bool = False,
     initial: Any = None,
+    allocation: Any = None,
 ) -> pathlib.Path | epath.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
 
@@ -244,6 +245,12 @@ def export_peft(
       initial: the adapter training started from (``init_lora_and_base``'s),
         to write the converted rank-2r LoRA for the original base; None
         writes ``lora`` as it is.
+      allocation: AdaLoRA only (``LoraSpec(adalora=True)``): the allocator's
+        ``AdaLoraState`` (its mask) or a :class:`lora_jax.AdaLoraAllocation`
+        (mask, schedule, orth_reg_weight). The pruned triplets are dropped
+        from the file and the kept ones listed in ``rank_pattern``, as PEFT's
+        ``save_pretrained`` writes them; None writes every triplet and no
+        ``rank_pattern`` (see :mod:`lora_jax.io._peft_adalora`).
 
     Returns:
       The path written: an absolute ``pathlib.Path`` when local, an
@@ -275,10 +282,28 @@ def export_peft(
     """
     from safetensors.numpy import save
 
+    from lora_jax.io._peft_adalora import has_adalora
     from lora_jax.io._peft_vera import has_vera
 
     path = as_path(path, "export_peft(path=...)")
     check_adapter_args(lora, spec, "export_peft")
+    if has_adalora(lora):  # AdaLoRA: its own format (lora_jax.io._peft_adalora)
+        from lora_jax.io._peft_adalora import export_adalora
+
+        return export_adalora(
+            path,
+            lora,
+            spec,
+            allocation=allocation,
+            name_map=name_map,
+            base_model_name_or_path=base_model_name_or_path,
+            overwrite=overwrite,
+        )
+    if allocation is not None:
+        raise ValueError(
+            "export_peft(allocation=...) is AdaLoRA's mask and schedule, but the adapter has no AdaLoraWeights "
+            "node; leave allocation out (or make the adapter with LoraSpec(adalora=True))."
+        )
     if has_vera(lora):  # VeRA: its own format (lora_jax.io._peft_vera)
         from lora_jax.io._peft_vera import export_vera
 

@@ -25,6 +25,7 @@ from lora_jax.adapters._dora import DoraWeights
 from lora_jax.adapters._nodes import LoraWeights, Trainable
 from lora_jax.errors._messages import expected
 from lora_jax.io._files import as_path
+from lora_jax.io._peft_adalora import import_adalora, is_adalora
 from lora_jax.io._peft_names import (
     CONFIG,
     EMBED_A,
@@ -176,6 +177,12 @@ def import_peft(
     in the file must land on a parameter and every layer of a stacked kernel
     must be present: unknown or missing keys raise, listing them.
 
+    VeRA and AdaLoRA adapters (``peft_type`` ``"VERA"`` / ``"ADALORA"``) are
+    read into :class:`lora_jax.VeraWeights` / :class:`lora_jax.AdaLoraWeights`;
+    an AdaLoRA adapter pruned by PEFT's allocator (a ``rank_pattern`` in its
+    config) comes back at ``init_r`` with zeros at the pruned triplets (its
+    mask and schedule: :func:`lora_jax.import_adalora_allocation`).
+
     Args:
       path: a PEFT adapter directory (``save_pretrained`` output), local or a
         URI (``"gs://bucket/peft"``).
@@ -211,6 +218,11 @@ def import_peft(
       (True, 2)
     """
     path = as_path(path, "import_peft(path=...)")
+    if is_adalora(path):  # AdaLoRA: its own format (lora_jax.io._peft_adalora); 2-D kernels only
+        if axes is not None:
+            raise ValueError(f"{path}: import_peft(axes=...) with an AdaLoRA adapter: PEFT's AdaLoRA adapts 2-D "
+                             f"nn.Linear kernels only, leave axes out.")  # fmt: skip
+        return import_adalora(path, params, name_map=name_map)
     if is_vera(path):  # VeRA: its own format (lora_jax.io._peft_vera)
         return import_vera(path, params, name_map=name_map)
     config, tensors = read_peft(path)
