@@ -6,7 +6,8 @@ The options, PEFT's name first:
   ``lora_dropout`` / ``dropout``, ``use_dora`` / ``dora``, ``rank_pattern``,
   ``alpha_pattern``;
 * ``target_modules`` / ``targets``, ``exclude_modules`` / ``exclude``,
-  ``modules_to_save`` / ``trainable``: kept as written, with
+  ``modules_to_save`` / ``trainable``: a list (a set to PEFT) is sorted, a
+  regex string kept, with
   ``target_match="peft"`` so they match module names as PEFT does (see
   :func:`lora_jax.targets._select.peft_selector_matches`; a module name is the
   parameter path without its leaf key, "/" read as ".");
@@ -168,15 +169,13 @@ def _read(config: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _names(where: str, key: str, value: Any, *, regex_ok: bool) -> Any:
-    """A PEFT module-name option as LoraSpec holds it: a list of names (a set is sorted), a regex string, or None."""
+    """A PEFT module-name option as LoraSpec holds it: sorted names (PEFT holds a set), a regex string, or None."""
     if value is None:
         return None
     if isinstance(value, str) and regex_ok:
         return value
-    if isinstance(value, (set, frozenset)):
-        value = sorted(value)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value) or None
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(set(value)) or None
     what = "a list of module names or a regex string" if regex_ok else "a list of module names"
     raise ValueError(expected(f"{where}: {key}", f"{what}, or null", value))
 
@@ -351,7 +350,11 @@ def spec_to_peft(
     """The keyword arguments of ``peft.LoraConfig`` for ``spec`` (see :meth:`LoraSpec.to_peft`).
 
     ``spec_from_peft(spec_to_peft(spec), axes=spec.axes, dtype=spec.dtype,
-    freeze_a=spec.freeze_a) == spec``. The dict is also a valid
+    freeze_a=spec.freeze_a) == spec`` when its name lists are sorted (PEFT
+    holds them as sets; ``from_peft`` sorts them). PEFT's ``save_pretrained``
+    sorts the keys of ``rank_pattern`` and ``alpha_pattern`` too, so a PEFT
+    model reloaded from it takes the alphabetically first matching key, not the
+    first written. The dict is also a valid
     ``adapter_config.json`` (``json.dump`` it).
 
     Raises:
