@@ -306,16 +306,16 @@ def test_unsupported_options_are_refused(extra, option):
 def test_unsupported_options_on_a_real_config():
     with pytest.raises(ValueError, match="bias"):
         LoraSpec.from_peft(peft.LoraConfig(target_modules=["q_proj"], bias="all"))
-    with pytest.raises(ValueError, match="layers_to_transform.*regex"):
+    with pytest.raises(ValueError, match=r"layers_to_transform.*regex"):
         LoraSpec.from_peft(peft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0]))
-    with pytest.raises(ValueError, match="peft_type.*'LORA'"):
+    with pytest.raises(ValueError, match=r"peft_type.*'LORA'"):
         LoraSpec.from_peft(peft.VeraConfig(target_modules=["q_proj"]))
 
 
 def test_bad_sources_and_keywords(tmp_path):
-    with pytest.raises(TypeError, match="adapter_config.json path"):
+    with pytest.raises(TypeError, match=r"adapter_config\.json path"):
         LoraSpec.from_peft(42)
-    with pytest.raises(TypeError, match="rank=.*PEFT has no option for"):
+    with pytest.raises(TypeError, match=r"rank=.*PEFT has no option for"):
         LoraSpec.from_peft({"target_modules": ["q"]}, rank=3)
     with pytest.raises(FileNotFoundError, match="no such file"):
         LoraSpec.from_peft(tmp_path / "missing")
@@ -327,7 +327,7 @@ def test_bad_sources_and_keywords(tmp_path):
 def test_to_peft_refuses_what_peft_cannot_read():
     with pytest.raises(ValueError, match="target_match='peft'"):
         LoraSpec(targets=["query"]).to_peft()
-    with pytest.raises(ValueError, match="exclude.*target_match='peft'"):
+    with pytest.raises(ValueError, match=r"exclude.*target_match='peft'"):
         LoraSpec(targets="all-linear", exclude=["head"]).to_peft()
     with pytest.raises(ValueError, match="VeraConfig"):
         LoraSpec(targets=["q"], vera=True, target_match="peft").to_peft()

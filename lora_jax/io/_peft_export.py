@@ -285,7 +285,6 @@ def export_peft(
     from safetensors.numpy import save
 
     from lora_jax.io._peft_vera import has_vera
-
     from lora_jax.spec._peft_config import check_base_model, check_task_type
 
     path = as_path(path, "export_peft(path=...)")
