@@ -99,6 +99,7 @@ PEFT_CONFIGS = [
         modules_to_save=["lm_head"],
     ),
     dict(target_modules=["embed_tokens", "q_proj"], r=3),
+    dict(target_modules=["q_proj"], exclude_modules=["lm_head"], modules_to_save=["lm_head"]),
     dict(target_modules=["model.layers.1.mlp.up_proj", "layers.0.self_attn.v_proj"]),
 ]
 

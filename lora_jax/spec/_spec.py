@@ -218,7 +218,8 @@ class LoraSpec:
         matches a module named exactly so or ending in ``"." + entry``
         (``"query"``, ``"attn.query"``); a string full-matches the module name
         (``r".*\\.(query|value)"``); ``trainable`` matches a module and
-        everything under it (PEFT's ``modules_to_save``); a pattern key
+        everything under it (PEFT's ``modules_to_save``, trained even where
+        ``exclude`` matches); a pattern key
         matches a module name ending in it (``re.match(r"(.*\\.)?(key)$")``).
         ``"all-linear"`` means the same in both modes.
 

@@ -330,7 +330,9 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
     all_linear = spec.targets == "all-linear"
     match = spec.target_match
     for path, leaf in flat.items():
-        if spec.exclude is not None and selector_matches(spec.exclude, path, leaf, match):
+        # PEFT's exclude_modules keeps adapters off a module; its modules_to_save are trained whatever exclude says
+        saved = match == "peft" and selector_matches(spec.trainable, path, leaf, match, saved=True)
+        if not saved and spec.exclude is not None and selector_matches(spec.exclude, path, leaf, match):
             if _is_kernel_like(leaf) and (
                 (all_linear and not is_embedding(path) and not is_output_head(path))
                 or (not all_linear and selector_matches(spec.targets, path, leaf, match))
