@@ -162,8 +162,8 @@ def _check_by_path(items: dict[str, Any], spec: LoraSpec, where: str) -> None:
     for p, node in items.items():
         if type(node) not in (LoraWeights, DoraWeights):
             continue
-        rank = _first(spec.rank_pattern, p, spec.rank)
-        alpha = _first(spec.alpha_pattern, p, spec.alpha)
+        rank = _first(spec.rank_pattern, p, spec.rank, spec.target_match)
+        alpha = _first(spec.alpha_pattern, p, spec.alpha, spec.target_match)
         checks = [
             ("rank", node.rank, rank, "rank/rank_pattern"),
             ("scale", node.scale, spec.scale_for(rank, alpha), "alpha/alpha_pattern/rslora"),

@@ -136,6 +136,7 @@ def export_adalora(
     *,
     allocation: Any = None,
     name_map: NameMap = None,
+    task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
 ) -> Any:
@@ -188,7 +189,7 @@ def export_adalora(
     alpha = float(spec.alpha)
     config = {
         "peft_type": "ADALORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": 8,  # LoraConfig's default: AdaLoRA ignores r (and warns when it is not 8)
         "init_r": spec.rank,

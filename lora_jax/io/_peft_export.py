@@ -180,6 +180,7 @@ def export_peft(
     *,
     name_map: NameMap = None,
     conv: Any = "auto",
+    task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     overwrite: bool = False,
@@ -233,7 +234,15 @@ def export_peft(
         :mod:`lora_jax.io._peft_names`.
       conv: which kernels are convolutions: ``"auto"`` (layout ``"iiio"``, a
         Conv2D), None, or a selector like ``LoraSpec(targets=...)``.
-      base_model_name_or_path: written to the config (e.g. a Hub model id).
+      task_type: PEFT's task type, written to the config: None or one of
+        ``peft.TaskType``'s values (``"CAUSAL_LM"``, ``"SEQ_CLS"``,
+        ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
+        ``"FEATURE_EXTRACTION"``). ``AutoPeftModelForCausalLM.from_pretrained``
+        and its siblings load the adapter only with their task type (and
+        ``base_model_name_or_path``) set; ``PeftModel.from_pretrained`` then
+        returns the task's class (``PeftModelForCausalLM``, ...).
+      base_model_name_or_path: written to the config (a Hub model id or a
+        local model directory): the model ``AutoPeftModel`` loads.
       fan_in_fan_out: PEFT's flag for torch modules that store their weight
         ``(in, out)``: True when the adapted torch modules are transformers'
         ``Conv1D`` (GPT-2 style), False for ``nn.Linear``. ``lora_A`` and
@@ -284,9 +293,12 @@ def export_peft(
 
     from lora_jax.io._peft_adalora import has_adalora
     from lora_jax.io._peft_vera import has_vera
+    from lora_jax.spec._peft_config import check_base_model, check_task_type
 
     path = as_path(path, "export_peft(path=...)")
     check_adapter_args(lora, spec, "export_peft")
+    task_type = check_task_type(task_type, "export_peft(task_type=...)")
+    check_base_model(base_model_name_or_path, "export_peft(base_model_name_or_path=...)")
     if has_adalora(lora):  # AdaLoRA: its own format (lora_jax.io._peft_adalora)
         from lora_jax.io._peft_adalora import export_adalora
 
@@ -296,6 +308,7 @@ def export_peft(
             spec,
             allocation=allocation,
             name_map=name_map,
+            task_type=task_type,
             base_model_name_or_path=base_model_name_or_path,
             overwrite=overwrite,
         )
@@ -308,7 +321,13 @@ def export_peft(
         from lora_jax.io._peft_vera import export_vera
 
         return export_vera(
-            path, lora, spec, name_map=name_map, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite
+            path,
+            lora,
+            spec,
+            name_map=name_map,
+            task_type=task_type,
+            base_model_name_or_path=base_model_name_or_path,
+            overwrite=overwrite,
         )
     _check_conv(conv)
     loftq = loftq_iters(spec.init) is not None
@@ -409,7 +428,7 @@ def export_peft(
     )
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r_config,
         "lora_alpha": _number(alpha_config),

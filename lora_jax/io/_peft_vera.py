@@ -115,6 +115,7 @@ def export_vera(
     spec: LoraSpec,
     *,
     name_map: NameMap = None,
+    task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
 ) -> Any:
@@ -143,7 +144,7 @@ def export_vera(
         tensors[f"{PREFIX}{name}.vera_lambda_b"] = np.asarray(node.b)
     config = {
         "peft_type": "VERA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(shared[VERA_A].shape[1]),
         "target_modules": sorted(targets),

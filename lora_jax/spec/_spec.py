@@ -29,6 +29,8 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 _MAPPING_OF = {"rank_pattern": "{pattern: rank}", "alpha_pattern": "{pattern: alpha}", "axes": "{pattern: layout}"}
 _EXAMPLE_OF = {"rank_pattern": "4", "alpha_pattern": "16.0", "axes": "'ioo'"}
 _INIT_ALIASES = {"default": "kaiming", "kaiming_uniform": "kaiming"}
+#: How ``targets``, ``exclude``, ``trainable``, ``rank_pattern`` and ``alpha_pattern`` match paths.
+TARGET_MATCHES = ("lora_jax", "peft")
 
 
 def _check_regex(where: str, pattern: str) -> None:
@@ -205,6 +207,21 @@ class LoraSpec:
         each kernel gets ``a``, ``e``, ``b`` with ``W' = W + s·a·diag(e)·b``,
         ``s = alpha / (r + 1e-5)`` as PEFT's, ``e = 0`` at init. Prune with
         :func:`lora_jax.adalora_allocator`. See :class:`lora_jax.AdaLoraWeights`.
+      target_match: how ``targets``, ``exclude``, ``trainable``,
+        ``rank_pattern`` and ``alpha_pattern`` match (``axes`` always uses
+        lora_jax's rules): ``"lora_jax"`` (the rules above) or ``"peft"``,
+        PEFT's rules on module names, for ``target_modules`` pasted from a
+        PEFT config (:meth:`from_peft` sets it). A leaf's module name is its
+        path without the leaf key, ``"/"`` read as ``"."``
+        (``"layers_0/attn/query/kernel"`` is module ``"layers_0.attn.query"``,
+        the name :func:`lora_jax.default_name_map` exports). Then a list entry
+        matches a module named exactly so or ending in ``"." + entry``
+        (``"query"``, ``"attn.query"``); a string full-matches the module name
+        (``r".*\\.(query|value)"``); ``trainable`` matches a module and
+        everything under it (PEFT's ``modules_to_save``, trained even where
+        ``exclude`` matches); a pattern key
+        matches a module name ending in it (``re.match(r"(.*\\.)?(key)$")``).
+        ``"all-linear"`` means the same in both modes.
 
     Example:
       >>> spec = LoraSpec(rank=4, alpha=8.0, targets=["query", "value"])
@@ -231,6 +248,7 @@ class LoraSpec:
     vera: bool = False
     vera_d_initial: float = 0.1
     adalora: bool = False
+    target_match: str = "lora_jax"
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -330,6 +348,15 @@ class LoraSpec:
                     )
                 )
             put(name, bool(value))
+        if self.target_match not in TARGET_MATCHES:
+            raise ValueError(
+                expected(
+                    "LoraSpec(target_match=...)",
+                    f"one of {', '.join(map(repr, TARGET_MATCHES))}",
+                    self.target_match,
+                    "'peft' matches targets as PEFT's target_modules does (module names by suffix)",
+                )
+            )
         if not _is_real(self.vera_d_initial):
             raise ValueError(expected("LoraSpec(vera_d_initial=...)", "a finite number", self.vera_d_initial))
         put("vera_d_initial", float(self.vera_d_initial))
@@ -356,6 +383,35 @@ class LoraSpec:
     def scale_for(self, rank: int, alpha: float) -> float:
         """The update scale for one kernel: ``alpha/r``, or ``alpha/sqrt(r)`` with rslora."""
         return lora_scale(rank, alpha, rslora=self.rslora)
+
+    @classmethod
+    def from_peft(cls, config: Any, **lora_jax_fields: Any) -> LoraSpec:
+        """The spec of a PEFT ``LoraConfig``: an ``adapter_config.json`` path (or its directory), a dict or the object.
+
+        ``target_modules`` keep PEFT's meaning (``target_match="peft"``). The
+        fields PEFT has no word for (``axes``, ``dtype``, ``freeze_a``) are
+        given as keywords. Options lora_jax does not support (``bias``,
+        ``layers_to_transform``, ``init_lora_weights="eva"``, ...) raise
+        ValueError naming the option. See :mod:`lora_jax.spec._peft_config`.
+
+        >>> spec = LoraSpec.from_peft({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+        >>> spec.rank, spec.alpha, spec.targets, spec.target_match
+        (4, 8.0, ('q_proj', 'v_proj'), 'peft')
+        """
+        from lora_jax.spec._peft_config import spec_from_peft
+
+        return spec_from_peft(config, **lora_jax_fields)
+
+    def to_peft(self, *, task_type: str | None = None, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """A dict ``peft.LoraConfig(**d)`` accepts (and :meth:`from_peft` reads back); see :mod:`lora_jax.spec._peft_config`.
+
+        >>> d = LoraSpec(rank=4, alpha=8.0, targets=["q_proj"], target_match="peft").to_peft()
+        >>> d["r"], d["lora_alpha"], d["target_modules"], d["init_lora_weights"]
+        (4, 8, ['q_proj'], True)
+        """
+        from lora_jax.spec._peft_config import spec_to_peft
+
+        return spec_to_peft(self, task_type=task_type, base_model_name_or_path=base_model_name_or_path)
 
     def replace(self, **changes: Any) -> LoraSpec:
         """A copy with some fields changed (validated again).

@@ -11,6 +11,12 @@ Matching rules (documented on :class:`lora_jax.LoraSpec`):
   regex and the name rule; a key equal to a leaf's full path wins for that
   leaf (so the literal paths of :func:`lora_jax.infer_axes` match themselves
   even when they hold regex characters), else the first matching key wins.
+
+With ``LoraSpec(target_match="peft")`` the selectors and the rank/alpha
+patterns follow PEFT's rules instead (``peft.tuners.tuners_utils.
+check_target_module_exists``, ``peft.utils.other.get_pattern_key``), on the
+module name: the path without its leaf key, "/" read as "." (see
+:func:`module_name_of`).
 """
 
 from __future__ import annotations
@@ -67,13 +73,65 @@ def _regex_match(pattern: str, path: str) -> bool:
         raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from e
 
 
-def pattern_matches(pattern: str, path: str) -> bool:
-    """Whether a pattern-dict key matches ``path`` (regex or key-name rule)."""
+def module_name_of(path: str) -> str:
+    """The module name PEFT's matching sees for a leaf: the path without its leaf key, "/" read as ".".
+
+    It is the name :func:`lora_jax.default_name_map` exports the module under.
+
+    >>> module_name_of("layers_0/attn/query/kernel")
+    'layers_0.attn.query'
+    """
+    return path.rpartition("/")[0].replace("/", ".")
+
+
+def peft_selector_matches(selector: Any, path: str, leaf: Any, *, saved: bool = False) -> bool:
+    """PEFT's rule: a list entry equals the module name or is a ``"."``-suffix of it; a string full-matches it.
+
+    ``saved=True`` is ``modules_to_save``'s rule: an entry matches a module
+    name holding it as a run of whole "."-separated parts (the module and
+    everything under it).
+
+    >>> peft_selector_matches(["query"], "layers_0/attn/query/kernel", None)
+    True
+    >>> peft_selector_matches(["attn"], "layers_0/attn/query/kernel", None)
+    False
+    >>> peft_selector_matches(["head"], "head/dense/kernel", None, saved=True)
+    True
+    """
+    if selector is None:
+        return False
+    if callable(selector):
+        return bool(selector(path, leaf))
+    module = module_name_of(path)
+    if not module:
+        return False
+    if isinstance(selector, str):
+        return bool(re.fullmatch(selector, module))
+    if saved:
+        return any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in selector)
+    return any(module == name or module.endswith(f".{name}") for name in selector)
+
+
+def _peft_pattern_matches(pattern: str, path: str) -> bool:
+    """PEFT's ``get_pattern_key``: the module name ends in the pattern, after a "." or from the start."""
+    module = module_name_of(path)
+    return bool(module and re.match(rf"(.*\.)?({pattern})$", module))
+
+
+def pattern_matches(pattern: str, path: str, match: str = "lora_jax") -> bool:
+    """Whether a pattern-dict key matches ``path`` (regex or key-name rule; PEFT's with ``match="peft"``)."""
+    if match == "peft":
+        return _peft_pattern_matches(pattern, path)
     return pattern in _key_runs(_keys(path)) or _regex_match(pattern, path)
 
 
-def selector_matches(selector: Any, path: str, leaf: Any) -> bool:
-    """Whether a targets/exclude/trainable selector picks the leaf at ``path``."""
+def selector_matches(selector: Any, path: str, leaf: Any, match: str = "lora_jax", *, saved: bool = False) -> bool:
+    """Whether a targets/exclude/trainable selector picks the leaf at ``path``.
+
+    ``match="peft"`` uses :func:`peft_selector_matches` (``saved`` for ``trainable``).
+    """
+    if match == "peft":
+        return peft_selector_matches(selector, path, leaf, saved=saved)
     if selector is None:
         return False
     if callable(selector):
@@ -84,10 +142,12 @@ def selector_matches(selector: Any, path: str, leaf: Any) -> bool:
     return any(name in runs or _regex_match(name, path) for name in selector)
 
 
-def _is_explicit(selector: Any, path: str, leaf: Any) -> bool:
-    """Whether the selector names the leaf itself rather than its module."""
+def _is_explicit(selector: Any, path: str, leaf: Any, match: str = "lora_jax") -> bool:
+    """Whether the selector names the leaf itself rather than its module (PEFT's names modules only)."""
     if callable(selector):
         return bool(selector(path, leaf))
+    if match == "peft":
+        return False
     if isinstance(selector, str):
         return bool(re.fullmatch(selector, path))
     return _keys(path)[-1] in selector
@@ -117,7 +177,9 @@ def is_output_head(path: str) -> bool:
     return any(_HEAD_KEY.fullmatch(k) for k in _keys(path)[:-1])
 
 
-def _first(patterns: tuple, path: str, default: Any) -> Any:
+def _first(patterns: tuple, path: str, default: Any, match: str = "lora_jax") -> Any:
+    if match == "peft":  # PEFT: the first key in order that the module name ends in
+        return next((value for key, value in patterns if _peft_pattern_matches(key, path)), default)
     for key, value in patterns:
         if key == path:
             return value
@@ -188,6 +250,21 @@ def _no_match_error(spec: LoraSpec, flat: dict[str, Any], excluded: list[str]) -
                 found_is_text=True,
             )
         )
+    if spec.target_match == "peft":
+        modules = sorted({module_name_of(p) for p, leaf in flat.items() if _is_kernel_like(leaf)} - {""})
+        wanted = [spec.targets] if isinstance(spec.targets, str) else [] if callable(spec.targets) else spec.targets
+        near = list(dict.fromkeys(m for w in wanted for m in difflib.get_close_matches(w, modules, n=4, cutoff=0.0)))
+        return ValueError(
+            expected(
+                f"LoraSpec(targets={_shown(spec.targets)}, target_match='peft')",
+                "module names to match kernels by PEFT's rule (a list entry equals a module name or its last "
+                "'.'-separated parts; a string full-matches the module name)",
+                f"no match among {len(modules)} kernel modules (nearest: {', '.join(near[:8] or modules[:8])})",
+                "A module name is the parameter path without its leaf key, '/' read as '.': 'layers_0/attn/query/kernel' "
+                "is module 'layers_0.attn.query', matched by 'query' or 'attn.query'",
+                found_is_text=True,
+            )
+        )
     candidates = sorted(set(paths) | {p.rpartition("/")[0] for p in paths} - {""})
     wanted = (
         [spec.targets] if isinstance(spec.targets, str) else list(spec.targets) if not callable(spec.targets) else []
@@ -207,7 +284,9 @@ def _no_match_error(spec: LoraSpec, flat: dict[str, Any], excluded: list[str]) -
 def _check_pattern_keys(spec: LoraSpec, adapted: list[str], all_paths: list[str]) -> None:
     """Every key of rank_pattern / alpha_pattern matches an adapted kernel, every key of axes a parameter."""
 
-    def matches(key: str, path: str) -> bool:
+    def matches(key: str, path: str, name: str) -> bool:
+        if name != "axes" and spec.target_match == "peft":
+            return pattern_matches(key, path, "peft")
         return key == path or pattern_matches(key, path)
 
     for name, among, what in (
@@ -216,7 +295,7 @@ def _check_pattern_keys(spec: LoraSpec, adapted: list[str], all_paths: list[str]
         ("axes", all_paths, "a parameter path"),
     ):
         for key, _ in getattr(spec, name):
-            if not any(matches(key, p) for p in among):
+            if not any(matches(key, p, name) for p in among):
                 near = difflib.get_close_matches(key, among, n=3, cutoff=0.0)
                 raise ValueError(
                     expected(
@@ -249,15 +328,18 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
     too_large: list[tuple[str, ValueError]] = []
     excluded: list[str] = []  # kernels that targets selects and exclude removes
     all_linear = spec.targets == "all-linear"
+    match = spec.target_match
     for path, leaf in flat.items():
-        if spec.exclude is not None and selector_matches(spec.exclude, path, leaf):
+        # PEFT's exclude_modules keeps adapters off a module; its modules_to_save are trained whatever exclude says
+        saved = match == "peft" and selector_matches(spec.trainable, path, leaf, match, saved=True)
+        if not saved and spec.exclude is not None and selector_matches(spec.exclude, path, leaf, match):
             if _is_kernel_like(leaf) and (
                 (all_linear and not is_embedding(path) and not is_output_head(path))
-                or (not all_linear and selector_matches(spec.targets, path, leaf))
+                or (not all_linear and selector_matches(spec.targets, path, leaf, match))
             ):
                 excluded.append(path)
             continue
-        if selector_matches(spec.trainable, path, leaf):
+        if selector_matches(spec.trainable, path, leaf, match, saved=True):
             if _shape_dtype(leaf) is None:
                 raise TypeError(f"{path}: LoraSpec(trainable=...) selects a {type(leaf).__name__}, not an array.")
             trainable.add(path)
@@ -271,10 +353,10 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
                 continue
             if is_embedding(path) or is_output_head(path):
                 continue
-        elif not selector_matches(spec.targets, path, leaf):
+        elif not selector_matches(spec.targets, path, leaf, match):
             continue
         else:
-            explicit = _is_explicit(spec.targets, path, leaf)
+            explicit = _is_explicit(spec.targets, path, leaf, match)
             if module_level_skip and not explicit:
                 continue
             if sd is None:
@@ -302,8 +384,8 @@ def resolve(params: Any, spec: LoraSpec) -> tuple[dict[str, Target], set[str]]:
         if layout is None:
             ambiguous.append((path, shape))
             continue
-        rank = _first(spec.rank_pattern, path, spec.rank)
-        alpha = _first(spec.alpha_pattern, path, spec.alpha)
+        rank = _first(spec.rank_pattern, path, spec.rank, match)
+        alpha = _first(spec.alpha_pattern, path, spec.alpha, match)
         limit = _layout.max_rank(layout, shape)
         # raised after the ambiguous layouts; VeRA's r is the shared projections' rank, of any size
         if rank > limit and not spec.vera:
