@@ -19,7 +19,7 @@ computes the base product ``x·W`` inside a :func:`jax.custom_vjp`:
   or scales (the base is frozen).
 
 The dequantization is made to depend on the use's input (forward) and on its
-cotangent (backward) through an exact zero added to a float statistic, so
+cotangent (backward) through an exact zero added to the codes, so
 XLA dequantizes each kernel where it is used and cannot hoist every layer's
 dequantized kernel to the start of the step, nor merge the backward's with the
 forward's: one layer's dequantized kernel is alive at a time.
@@ -126,15 +126,12 @@ def dequantized(w: Any, dtype: Any = None) -> jax.Array:
 
 
 def _tied(base: DeferredBase, dep: jax.Array) -> DeferredBase:
-    """``base`` with an exact zero computed from ``dep`` added to a float statistic (see the module docstring)."""
+    """``base`` with an exact zero computed from ``dep`` added to its codes (see the module docstring)."""
     node = base.node
     first = dep.reshape(-1)[0]
-    zero = jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype)).astype(jnp.float32)
-    if node.offset is not None:
-        node = dataclasses.replace(node, offset=node.offset + zero)
-    else:
-        node = dataclasses.replace(node, absmax=node.absmax + zero.astype(node.absmax.dtype))
-    return dataclasses.replace(base, node=node)
+    zero = jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype))
+    # the codes too: the 4-bit code book lookup needs nothing else, XLA would run it for every layer at the start
+    return dataclasses.replace(base, node=dataclasses.replace(node, codes=node.codes + zero.astype(node.codes.dtype)))
 
 
 def quantized_use(
