@@ -97,9 +97,7 @@ class DeferredBase:
         spec = jax.ShapeDtypeStruct(self.shape, self.dtype)
         out = jax.eval_shape(lambda w, *r: prim.bind(w, *r, **params), spec, *rest)
         op = _Op(prim, tuple(params.items()), len(rest))
-        return dataclasses.replace(
-            self, operands=(*self.operands, *rest), ops=(*self.ops, op), shape=tuple(out.shape)
-        )
+        return dataclasses.replace(self, operands=(*self.operands, *rest), ops=(*self.ops, op), shape=tuple(out.shape))
 
     def form(self, dtype: Any = None, *, residual_free: bool = False) -> jax.Array:
         """The kernel with the ops applied: dequantized in float32 and cast once to ``dtype``; by default to its
