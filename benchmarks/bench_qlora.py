@@ -112,13 +112,16 @@ def table(rows: list[Row], per_param: dict[str, float]) -> tuple[str, dict[str, 
     base = by[BF16]
     med = {r.name: statistics.median(r.times) for r in rows}
     lines = [
-        "| row | base bytes / param | peak memory (MiB) | / bf16 LoRA | median step (s) | / bf16 LoRA (paired) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| row | base bytes / param | peak memory (MiB) | / bf16 LoRA | arguments (MiB) | temporaries (MiB) "
+        "| median step (s) | / bf16 LoRA (paired) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio, lo, hi = _paired_ratio(r.times, base.times)
+        mem = r.compiled.memory_analysis()
         lines.append(
             f"| {r.name} | {per_param[r.name]:.3f} | {r.peak / 2**20:.1f} | {r.peak / base.peak:.3f} | "
+            f"{mem.argument_size_in_bytes / 2**20:.1f} | {mem.temp_size_in_bytes / 2**20:.1f} | "
             f"{med[r.name]:.4f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] |"
         )
     time_ratio, tlo, thi = _paired_ratio(by[NF4].times, base.times)
