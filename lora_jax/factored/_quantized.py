@@ -19,7 +19,7 @@ computes the base product ``x·W`` inside a :func:`jax.custom_vjp`:
   or scales (the base is frozen).
 
 The dequantization is made to depend on the use's input (forward) and on its
-cotangent (backward) through an exact zero added to the codes, so
+cotangent (backward) through an exact zero added to the code table and the scales, so
 XLA dequantizes each kernel where it is used and cannot hoist every layer's
 dequantized kernel to the start of the step, nor merge the backward's with the
 forward's: one layer's dequantized kernel is alive at a time.
@@ -99,11 +99,12 @@ class DeferredBase:
         op = _Op(prim, tuple(params.items()), len(rest))
         return dataclasses.replace(self, operands=(*self.operands, *rest), ops=(*self.ops, op), shape=tuple(out.shape))
 
-    def form(self, dtype: Any = None, *, residual_free: bool = False) -> jax.Array:
+    def form(self, dtype: Any = None, *, residual_free: bool = False, zero: jax.Array | None = None) -> jax.Array:
         """The kernel with the ops applied: dequantized in float32 and cast once to ``dtype``; by default to its
-        stored dtype, then to its ``cast`` (exactly the dequantized kernel the model would have cast)."""
+        stored dtype, then to its ``cast`` (exactly the dequantized kernel the model would have cast).
+        ``zero``: see :meth:`lora_jax.QuantizedKernel.dequantize_view`."""
         into = self.node.dtype if dtype is None else jnp.dtype(dtype)
-        v = _dequantized(self.node, into) if residual_free else self.node.dequantize(into)
+        v = _dequantized(self.node, into) if residual_free else self.node.dequantize(into, zero=zero)
         operands = list(self.operands)
         for op in self.ops:
             rest, operands = operands[: op.n_operands], operands[op.n_operands :]
@@ -123,13 +124,10 @@ def dequantized(w: Any, dtype: Any = None) -> jax.Array:
     return w if dtype is None else w.astype(dtype)
 
 
-def _tied(base: DeferredBase, dep: jax.Array) -> DeferredBase:
-    """``base`` with an exact zero computed from ``dep`` added to its codes (see the module docstring)."""
-    node = base.node
+def _exact_zero(dep: jax.Array) -> jax.Array:
+    """A float32 zero computed from ``dep`` (``dep[0]·0``, or ``0`` where that is not finite)."""
     first = dep.reshape(-1)[0]
-    zero = jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype))
-    # the codes too: the 4-bit code book lookup needs nothing else, XLA would run it for every layer at the start
-    return dataclasses.replace(base, node=dataclasses.replace(node, codes=node.codes + zero.astype(node.codes.dtype)))
+    return jnp.where(jnp.isfinite(first), first * 0, jnp.zeros((), first.dtype)).astype(jnp.float32)
 
 
 def quantized_use(
@@ -156,8 +154,7 @@ def quantized_use(
         return prim.bind(*((k, x_) if kernel_first else (x_, k)), **params)
 
     def kernel(leaves_: list[Any], dep: jax.Array) -> jax.Array:
-        b = _tied(jax.tree_util.tree_unflatten(treedef, leaves_), dep)
-        return b.form().astype(dtype)
+        return jax.tree_util.tree_unflatten(treedef, leaves_).form(zero=_exact_zero(dep)).astype(dtype)
 
     @jax.custom_vjp
     def use(x_: jax.Array, leaves_: list[Any]) -> jax.Array:
