@@ -29,7 +29,10 @@ primitive that meets a kernel raises :class:`FactoredError` naming the
 primitive and the parameter path, unless that path was opted in with ``materialize=`` (then
 ``W + BA`` is formed for that leaf only, exactly as ``apply_lora`` forms it, and
 reported). ``W`` goes through ``stop_gradient``, so no kernel-sized weight
-gradient is ever computed. An eager call is traced every time and compiled once
+gradient is ever computed. A quantized base kernel (:func:`lora_jax.quantize`) stays codes and scales: it
+is dequantized at each ``dot_general``/``conv_general_dilated`` use, inside a ``custom_vjp`` that saves
+the codes, not the dequantized kernel, for the backward pass (:mod:`lora_jax.factored._quantized`).
+An eager call is traced every time and compiled once
 per program (:mod:`lora_jax.factored._eager`), so it never runs stale.
 
 Why our own interpreter and not quax: measured (``benchmarks/bench_quax.py``,
