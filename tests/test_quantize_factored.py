@@ -179,3 +179,26 @@ def test_compiled_step_holds_about_one_dequantized_kernel_in_temporaries():
     for options in ({"format": "nf4"}, {"format": "int8", "double_quant": False}):
         extra = temp_bytes(lora_jax.quantize(base, **options)) - float_temp
         assert extra <= 1.5 * kernel_bytes, (options, extra / kernel_bytes)  # dequantizing all at once: ~8 kernels
+
+
+def test_nn_scan_stacks_are_dequantized_at_the_scans_entry_and_train_the_same():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(32, use_bias=False, name="down")(
+                jnp.tanh(nn.Dense(32, use_bias=False, name="up")(x))
+            ), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scanned(name="s")(x, None)[0]
+
+    stack, x = Stack(), jax.random.normal(jax.random.key(12), (4, 32))
+    axes = {"s/up": "bio", "s/down": "bio"}
+    qbase = lora_jax.quantize(stack.init(jax.random.key(0), x)["params"], axes=axes)
+    lora = lora_jax.init_lora(jax.random.key(1), qbase, lora_jax.LoraSpec(rank=2, init="random", axes=axes))
+    _check_equal_to_apply_lora(lambda p, x: jnp.sum(stack.apply({"params": p}, x) ** 2), qbase, lora, x)
