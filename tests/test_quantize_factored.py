@@ -75,7 +75,6 @@ def _check_equal_to_apply_lora(fn, qbase, lora, *args, **kw):
 FORMATS = {
     "nf4 double quant": {"format": "nf4", "double_quant": True},
     "int8": {"format": "int8", "double_quant": False},
-    "int4 double quant": {"format": "int4", "double_quant": True},
 }
 
 
@@ -83,7 +82,7 @@ FORMATS = {
 def test_a_two_layer_step_saves_the_codes_and_no_float_kernel(options):
     qbase = lora_jax.quantize(BASE, **options)
     lora = lora_jax.init_lora(jax.random.key(2), qbase, SPEC)
-    x = jax.random.normal(jax.random.key(4), (8, 128))
+    x = X + 1.0
     fac = _check_equal_to_apply_lora(model, qbase, lora, x)
     floats, ints = _residuals(fac, lora)
     assert not _kernel_sized(floats, [(128, 256)]), floats  # activations (8, 256), factors; no (256, 128) kernel
@@ -95,12 +94,13 @@ def test_a_two_layer_step_saves_the_codes_and_no_float_kernel(options):
 
 
 def test_a_multi_axis_kernel_is_dequantized_at_its_einsum():
-    kernel = jax.random.normal(jax.random.key(5), (64, 4, 16)) * 0.1  # DenseGeneral: in -> (heads, head_dim)
-    base = {"q": {"kernel": kernel}, "o": {"kernel": jax.random.normal(jax.random.key(6), (4, 16, 64)) * 0.1}}
+    rng = np.random.default_rng(5)  # NumPy data: no per-shape random compiles
+    kernel = jnp.asarray(rng.normal(0, 0.1, (64, 4, 16)), jnp.float32)  # DenseGeneral: in -> (heads, head_dim)
+    base = {"q": {"kernel": kernel}, "o": {"kernel": jnp.asarray(rng.normal(0, 0.1, (4, 16, 64)), jnp.float32)}}
     axes = {"q": "ioo", "o": "iio"}
     qbase = lora_jax.quantize(base, axes=axes)
     lora = lora_jax.init_lora(jax.random.key(7), qbase, lora_jax.LoraSpec(rank=3, init="random", axes=axes))
-    x = jax.random.normal(jax.random.key(8), (8, 64))
+    x = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32)
 
     def attn_like(p, x):
         h = jnp.einsum("ti,ihd->thd", x, p["q"]["kernel"])
@@ -135,7 +135,7 @@ def test_untargeted_quantized_kernels_and_a_bfloat16_cast_are_dequantized_at_the
 
 
 def test_dora_embeddings_remat_and_the_dense_strategy_on_a_quantized_base():
-    base = {**BASE, "emb": {"embedding": jax.random.normal(jax.random.key(9), (32, 128)) * 0.1}}
+    base = {**BASE, "emb": {"embedding": jnp.asarray(np.random.default_rng(9).normal(0, 0.1, (32, 128)), jnp.float32)}}
     qbase = lora_jax.quantize(base, targets=["up", "down", "emb"])
     spec = lora_jax.LoraSpec(rank=4, init="random", dora=True, targets=["up", "down"])
     lora = lora_jax.init_lora(jax.random.key(2), qbase, spec)
@@ -145,19 +145,19 @@ def test_dora_embeddings_remat_and_the_dense_strategy_on_a_quantized_base():
         x = jnp.take(p["emb"]["embedding"], t, axis=0)
         return jax.checkpoint(model)(p, x)
 
-    for strategy in ("factored", "dense"):  # "dense" runs a quantized kernel factored
-        fac = _check_equal_to_apply_lora(emb_model, qbase, lora, tokens, strategy=strategy)
+    # strategy="dense" runs a quantized kernel factored (forming W + s·A·B would need the dequantized kernel)
+    fac = _check_equal_to_apply_lora(emb_model, qbase, lora, tokens, strategy="dense")
     floats, _ = _residuals(fac, lora)
     assert not _kernel_sized(floats, [(128, 256)]), floats
 
 
 def test_compiled_step_holds_about_one_dequantized_kernel_in_temporaries():
     layers, d, f = 4, 256, 1024
-    keys = jax.random.split(jax.random.key(10), 2 * layers)
+    rng = np.random.default_rng(10)
     base = {
         f"l{i}": {
-            "up": {"kernel": jax.random.normal(keys[2 * i], (d, f)) * 0.05},
-            "down": {"kernel": jax.random.normal(keys[2 * i + 1], (f, d)) * 0.05},
+            "up": {"kernel": jnp.asarray(rng.normal(0, 0.05, (d, f)), jnp.float32)},
+            "down": {"kernel": jnp.asarray(rng.normal(0, 0.05, (f, d)), jnp.float32)},
         }
         for i in range(layers)
     }
@@ -167,7 +167,7 @@ def test_compiled_step_holds_about_one_dequantized_kernel_in_temporaries():
             x = x + jax.nn.relu(x @ p[f"l{i}"]["up"]["kernel"]) @ p[f"l{i}"]["down"]["kernel"]
         return jnp.sum(x**2)
 
-    x = jax.random.normal(jax.random.key(11), (16, d))
+    x = jnp.asarray(rng.normal(size=(16, d)), jnp.float32)
 
     def temp_bytes(params):
         lora = lora_jax.init_lora(jax.random.key(2), params, lora_jax.LoraSpec(rank=4, init="random"))
@@ -197,7 +197,7 @@ def test_nn_scan_stacks_are_dequantized_at_the_scans_entry_and_train_the_same():
             scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
             return scanned(name="s")(x, None)[0]
 
-    stack, x = Stack(), jax.random.normal(jax.random.key(12), (4, 32))
+    stack, x = Stack(), jnp.asarray(np.random.default_rng(12).normal(size=(4, 32)), jnp.float32)
     axes = {"s/up": "bio", "s/down": "bio"}
     qbase = lora_jax.quantize(stack.init(jax.random.key(0), x)["params"], axes=axes)
     lora = lora_jax.init_lora(jax.random.key(1), qbase, lora_jax.LoraSpec(rank=2, init="random", axes=axes))
