@@ -111,3 +111,16 @@ def test_benchmark_script_prints_the_table_and_the_four_targets():
         assert f"| {row}" in out
     targets = [line for line in out.splitlines() if line.startswith("- ") and "(target <=" in line]
     assert len(targets) == 4, out
+
+
+def test_qlora_benchmark_prints_the_three_rows_and_the_two_targets():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_qlora.py")]
+    cmd += ["--layers", "2", "--d-model", "64", "--d-ff", "256", "--tokens", "8", "--steps", "1", "--warmup", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # XLA:CPU's default scheduler
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=True).stdout
+    for row in ("bf16 LoRA", "NF4 QLoRA (double quant)", "int8 (absmax per 64)"):
+        assert f"| {row} |" in out, out
+    assert "| NF4 QLoRA (double quant) | 0.516 |" in out  # bitsandbytes' own figure for NF4 + double quant
+    targets = [line for line in out.splitlines() if line.startswith("- ") and "(target <=" in line]
+    assert len(targets) == 2, out
+    assert "qwix" in out

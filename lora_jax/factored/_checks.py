@@ -20,7 +20,7 @@ from jax.extend import core as jcore
 from lora_jax.adapters._registry import SHARED, is_adapter, is_node_like, node_type
 from lora_jax.adapters._tree import lowered_items
 from lora_jax.errors._messages import expected
-from lora_jax.targets._paths import flatten_with_paths, path_str
+from lora_jax.targets._paths import flatten_with_paths, is_base_leaf, path_str
 
 _CALL = "factored(fn)(params, lora, ...)"
 
@@ -185,7 +185,7 @@ def check_reads(
 def check_fn_reads(jaxpr: Any, consts: list[Any], params: Any, lora: Any, *, some: bool = True) -> None:
     """:func:`check_reads` for ``fn`` traced with the leaves of ``params`` as its first inputs."""
     items = lowered_items(lora)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_base_leaf)[0]  # a quantized kernel: one input
     paths = [path_str(kp) for kp, _ in flat]
     adapted = {i: p for i, p in enumerate(paths) if p in items}
     originals = {

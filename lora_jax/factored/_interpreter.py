@@ -29,7 +29,10 @@ primitive that meets a kernel raises :class:`FactoredError` naming the
 primitive and the parameter path, unless that path was opted in with ``materialize=`` (then
 ``W + BA`` is formed for that leaf only, exactly as ``apply_lora`` forms it, and
 reported). ``W`` goes through ``stop_gradient``, so no kernel-sized weight
-gradient is ever computed. An eager call is traced every time and compiled once
+gradient is ever computed. A quantized base kernel (:func:`lora_jax.quantize`) stays codes and scales: it
+is dequantized at each ``dot_general``/``conv_general_dilated`` use, inside a ``custom_vjp`` that saves
+the codes, not the dequantized kernel, for the backward pass (:mod:`lora_jax.factored._quantized`).
+An eager call is traced every time and compiled once
 per program (:mod:`lora_jax.factored._eager`), so it never runs stale.
 
 Why our own interpreter and not quax: measured (``benchmarks/bench_quax.py``,
@@ -61,13 +64,15 @@ from lora_jax.adapters._tree import lowered_items
 from lora_jax.factored import _checks as checks
 from lora_jax.factored import _control as control
 from lora_jax.factored import _lazy as lz
+from lora_jax.factored import _quantized as quantized
 from lora_jax.factored import _rules as rules
 from lora_jax.factored import _strategy as strategies
 from lora_jax.factored._eager import Program
 from lora_jax.factored._eager import join_args as _join_args
 from lora_jax.factored._eager import split_args as _split_args
 from lora_jax.factored._lazy import FactoredError, LazyKernel
-from lora_jax.factored._quantized import dequantized_params
+from lora_jax.factored._quantized import DeferredBase
+from lora_jax.quant._node import QuantizedKernel
 from lora_jax.targets._paths import path_str
 from lora_jax.transforms._apply import apply_lora
 
@@ -121,7 +126,12 @@ class _Context:
         return dataclasses.replace(self, on_materialize=None, report={}, key=None, site=0)
 
     def settle(self, x: Any, where: str) -> Any:
-        """``x`` itself, unless it is a lazy kernel at a use that cannot be factored: then formed or refused."""
+        """``x`` itself, unless it is a lazy kernel at a use that cannot be factored: then formed or refused.
+
+        An untargeted quantized kernel is dequantized there (no residual).
+        """
+        if isinstance(x, DeferredBase):
+            return quantized.dequantized(x)
         if not isinstance(x, LazyKernel):
             return x
         if self.may_materialize(x.path):
@@ -157,7 +167,7 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
                 continue
             invals = [x.resolve() if isinstance(x, rules.Pending) else x for x in invals]
         with eqn.ctx.manager:
-            if any(isinstance(x, LazyKernel) for x in invals):
+            if any(isinstance(x, (LazyKernel, DeferredBase)) for x in invals):
                 outs = _lazy_eqn(eqn.primitive, invals, dict(eqn.params), ctx)
             else:
                 ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -174,7 +184,7 @@ def _add_to_pending(prim: Any, invals: list[Any]) -> rules.Pending | None:
         return None
     i = 0 if isinstance(invals[0], rules.Pending) else 1
     pending, other = invals[i], invals[1 - i]
-    if isinstance(other, (rules.Pending, LazyKernel)):
+    if isinstance(other, (rules.Pending, LazyKernel, DeferredBase)):
         return None
     if np.ndim(other) != pending.base.ndim or any(
         o not in (1, n) for o, n in zip(np.shape(other), pending.base.shape, strict=True)
@@ -190,7 +200,17 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
         closed = params[_INLINE[name]]
         return _eval(closed.jaxpr, closed.consts, invals, ctx)
     if name in control.RULES:
+        if name in _DEQUANTIZED_AT_ENTRY:
+            invals = [_dequantized_now(x) for x in invals]
         return control.RULES[name](invals, params, ctx, _eval)
+    if any(isinstance(x, DeferredBase) for x in invals):
+        out = _quantized_eqn(prim, invals, params)
+        if out is not None:
+            return out
+        invals = [quantized.dequantized(x) if isinstance(x, DeferredBase) else x for x in invals]
+        if not any(isinstance(x, LazyKernel) for x in invals):
+            ans = prim.bind(*invals, **prim.get_bind_params(params))
+            return ans if prim.multiple_results else [ans]
     lazy = [x for x in invals if isinstance(x, LazyKernel)]
     if isinstance(invals[0], LazyKernel) and len(lazy) == 1:
         out = rules.layout_rule(prim, invals[0], invals[1:], params)
@@ -218,6 +238,47 @@ def _lazy_eqn(prim: Any, invals: list[Any], params: dict[str, Any], ctx: _Contex
     concrete = [ctx.settle(x, where or name) for x in invals]
     ans = prim.bind(*concrete, **prim.get_bind_params(params))
     return ans if prim.multiple_results else [ans]
+
+
+_DEQUANTIZED_AT_ENTRY = ("scan", "cond", "while")  # see factored/_quantized.py
+_LAYOUT = {"copy", "copy_p", "sharding_constraint", "transpose", "reshape", "squeeze", "broadcast_in_dim", "slice",
+           "dynamic_slice"}  # fmt: skip
+_PRODUCTS = ("dot_general", "conv_general_dilated")
+
+
+def _dequantized_now(x: Any) -> Any:
+    """``x`` with a quantized base dequantized (no residual): for a loop or a switch, which need plain arrays."""
+    if isinstance(x, DeferredBase):
+        return quantized.dequantized(x)
+    if isinstance(x, LazyKernel) and x.quantized:
+        return x.replace(w=jax.lax.stop_gradient(quantized.dequantized(x.w)))
+    return x
+
+
+def _quantized_eqn(prim: Any, invals: list[Any], params: dict[str, Any]) -> list[Any] | None:
+    """An equation on an untargeted quantized kernel: a layout op recorded, a product dequantized inside it."""
+    name, first, rest = prim.name, invals[0], invals[1:]
+    others = [x for x in invals if not isinstance(x, DeferredBase)]
+    if any(isinstance(x, (LazyKernel, DeferredBase)) for x in others) or len(others) != len(invals) - 1:
+        return None
+    if isinstance(first, DeferredBase) and name == "convert_element_type":
+        new = jnp.dtype(params["new_dtype"])
+        if new == first.dtype:
+            return [first]
+        if first.cast is None and jnp.issubdtype(new, jnp.floating):  # one cast of the dequantized kernel
+            return [dataclasses.replace(first, cast=new)]
+        return None  # a second cast (a round trip) or a non-float one: run on the dequantized kernel
+    if isinstance(first, DeferredBase) and name in _LAYOUT:
+        if name == "reshape" and params.get("dimensions") is not None:
+            return None
+        return [rules.on_base(prim, first, rest, params)]
+    if name in _PRODUCTS and len(invals) == 2:
+        kernel_first = isinstance(first, DeferredBase)
+        if name == "conv_general_dilated" and kernel_first:
+            return None
+        base, x = (first, invals[1]) if kernel_first else (invals[1], first)
+        return [quantized.quantized_use(prim, params, x, base, base.dtype, kernel_first)]
+    return None
 
 
 class Factored:
@@ -268,16 +329,22 @@ class Factored:
 
     def _run(self, params, lora, args, kwargs, dropout_rng, report, program=None, capture=None, check=True) -> Any:
         jax.eval_shape(apply_lora, params, lora)  # validates paths and shapes, with clear errors
-        params = dequantized_params(params)  # quantized bases (lora_jax.quantize): see factored/_quantized.py
         items = lowered_items(lora)  # every node in its one lowered form; frozen arrays under stop_gradient
-        flat, pdef = jax.tree_util.tree_flatten_with_path(params)
+        is_q = lambda x: isinstance(x, QuantizedKernel)  # noqa: E731
+        flat, pdef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)
         leaves, inputs = [], []
         for key_path, leaf in flat:
             low = items.get(path_str(key_path))
+            value = leaf
+            if is_q(leaf):  # a quantized base (lora_jax.quantize): dequantized at its uses, see factored/_quantized.py
+                value = quantized.deferred(leaf)
+                if isinstance(low, Replace):
+                    value = quantized.dequantized(value)
+                leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)  # fn is traced with the float kernel's type
             if isinstance(low, Replace):
-                leaf = apply_to(low, leaf)
+                leaf = value = apply_to(low, value)
             leaves.append(leaf)
-            inputs.append(lz.from_weights(leaf, low, path_str(key_path)) if isinstance(low, LowRank) else leaf)
+            inputs.append(lz.from_weights(value, low, path_str(key_path)) if isinstance(low, LowRank) else value)
         checks.check_materialize_matches(self.materialize, [p for p, low in items.items() if isinstance(low, LowRank)])
         static, dyn = _split_args(args, kwargs)
         if program is None:  # else the (jaxpr, consts, out_tree) of an eager call, traced before the compile

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters import _lowered
+from lora_jax.factored._quantized import DeferredBase, dequantized
 from lora_jax.targets import _layout
 
 RANK_LETTER = "z"
@@ -76,8 +77,14 @@ class LazyKernel:
         return self.w.dtype if self.cast is None else jnp.dtype(self.cast)
 
     def base(self) -> jax.Array:
-        """``w`` in the kernel's dtype (the deferred cast applied)."""
-        return self.w if self.cast is None else self.w.astype(self.cast)
+        """``w`` in the kernel's dtype (the deferred cast applied; a quantized ``w`` dequantized, no residual)."""
+        w = dequantized(self.w)
+        return w if self.cast is None else w.astype(self.cast)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether ``w`` is a quantized base (:class:`~lora_jax.factored._quantized.DeferredBase`)."""
+        return isinstance(self.w, DeferredBase)
 
     def a_axes(self) -> list[int]:
         """Kernel axes carried by ``a`` (in ``a``'s order)."""
@@ -108,7 +115,7 @@ def from_weights(w: jax.Array, node: Any, path: str) -> LazyKernel:
     b_perm = [b_src.index(None)] + [b_src.index(k) for k in sorted([*batch, *outs])]
     a = jnp.transpose(node.a, a_perm)
     b = jnp.transpose(node.b, b_perm)
-    w = jax.lax.stop_gradient(w)
+    w = w if isinstance(w, DeferredBase) else jax.lax.stop_gradient(w)  # a quantized base: never differentiated
     lk = LazyKernel(w, a, b, kinds, float(node.scale), path, dropout=float(node.dropout))
     if getattr(node, "magnitude", None) is None:
         return lk
@@ -126,8 +133,7 @@ def dora_norm(lk: LazyKernel) -> jax.Array:
     ``(r, *out)`` and ``(r, r)``, never the kernel's (the only kernel-sized work is reading ``W``).
     """
     dtype = _lowered.compute_dtype(lk.w.dtype)
-    base = getattr(lk.w, "dequantize", None)
-    w = (base() if base is not None else lk.w).astype(dtype)
+    w = dequantized(lk.w, dtype)
     a, b = jax.lax.stop_gradient(lk.a).astype(dtype), jax.lax.stop_gradient(lk.b).astype(dtype)
     names = LETTERS[: len(lk.kinds)]
     sa, sb = lk.letters(names)
@@ -164,7 +170,7 @@ def delta(lk: LazyKernel) -> jax.Array:
 def materialize(lk: LazyKernel) -> jax.Array:
     """``w + delta`` added in float32 (float64 for a float64 kernel), cast to ``w.dtype`` once (as ``apply_lora``),
     then to the model's cast."""
-    v = lk.w.astype(_lowered.compute_dtype(lk.w.dtype)) + delta(lk)
+    v = dequantized(lk.w, _lowered.compute_dtype(lk.w.dtype)) + delta(lk)
     if lk.g is not None:
         v = out_multiplier(lk).astype(v.dtype) * v
     return v.astype(lk.w.dtype).astype(lk.dtype)

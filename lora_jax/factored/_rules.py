@@ -40,6 +40,7 @@ from jax import lax
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored._dense import dense_use
 from lora_jax.factored._lazy import RANK_LETTER, LazyKernel
+from lora_jax.factored._quantized import DeferredBase, quantized_use
 
 Dropout = Callable[[jax.Array], jax.Array]
 
@@ -63,6 +64,20 @@ class Pending:
 # --------------------------------------------------------------------------- layout rules
 
 
+def on_base(prim: Any, w: Any, rest: list[Any], params: dict[str, Any]) -> Any:
+    """``prim(w, *rest)``; recorded, not run, on a quantized base (dequantized only at its use)."""
+    if isinstance(w, DeferredBase):
+        return w.then(prim, rest, params)
+    return prim.bind(w, *rest, **params)
+
+
+def base_use(prim: Any, params: dict[str, Any], x: jax.Array, lk: LazyKernel, kernel_first: bool) -> jax.Array:
+    """The base product ``prim(x, W)`` of a use; a quantized ``W`` dequantized inside it (codes as the residual)."""
+    if lk.quantized:
+        return quantized_use(prim, params, x, lk.w, lk.dtype, kernel_first)
+    return prim.bind(*((lk.base(), x) if kernel_first else (x, lk.base())), **params)
+
+
 def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, Any]) -> LazyKernel | None:
     """Apply a layout primitive to ``lk``; ``None`` if ``prim`` is not one (or not followable)."""
     name = prim.name
@@ -72,19 +87,19 @@ def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, An
             return lk
         return lk.replace(cast=new) if _narrower(new, lk.dtype) else None
     if name in ("copy", "copy_p", "sharding_constraint"):
-        return lk.replace(w=prim.bind(lk.w, **params))
+        return lk.replace(w=on_base(prim, lk.w, [], params))
     if name == "transpose":
-        return lz.transpose(lk, tuple(params["permutation"]), prim.bind(lk.w, **params))
+        return lz.transpose(lk, tuple(params["permutation"]), on_base(prim, lk.w, [], params))
     if name == "reshape":
         if params.get("dimensions") is not None:
             return None
-        return lz.reshape(lk, tuple(params["new_sizes"]), prim.bind(lk.w, **params), name)
+        return lz.reshape(lk, tuple(params["new_sizes"]), on_base(prim, lk.w, [], params), name)
     if name == "squeeze":
-        return lz.squeeze(lk, tuple(params["dimensions"]), prim.bind(lk.w, **params))
+        return lz.squeeze(lk, tuple(params["dimensions"]), on_base(prim, lk.w, [], params))
     if name == "broadcast_in_dim":
         if rest:  # dynamic shapes
             return None
-        new_w = prim.bind(lk.w, **params)
+        new_w = on_base(prim, lk.w, [], params)
         return lz.broadcast_in_dim(lk, tuple(params["shape"]), tuple(params["broadcast_dimensions"]), new_w)
     if name == "slice":
         strides = params.get("strides")
@@ -92,11 +107,11 @@ def layout_rule(prim: Any, lk: LazyKernel, rest: list[Any], params: dict[str, An
             return None
         starts = list(params["start_indices"])
         sizes = [hi - lo for lo, hi in zip(params["start_indices"], params["limit_indices"], strict=True)]
-        return lz.slice_axes(lk, starts, sizes, prim.bind(lk.w, **params))
+        return lz.slice_axes(lk, starts, sizes, on_base(prim, lk.w, [], params))
     if name == "dynamic_slice":
         if any(isinstance(r, LazyKernel) for r in rest):
             return None
-        new_w = prim.bind(lk.w, *rest, **params)
+        new_w = on_base(prim, lk.w, rest, params)
         # clamp like dynamic_slice does, so the factors are sliced at the same offsets
         starts = [jnp.clip(s, 0, n - size) for s, n, size in zip(rest, lk.shape, params["slice_sizes"], strict=True)]
         return lz.slice_axes(lk, starts, list(params["slice_sizes"]), new_w)
@@ -129,6 +144,10 @@ def rounding_note(name: str, lk: LazyKernel, params: dict[str, Any]) -> str | No
 
 
 # --------------------------------------------------------------------------- use rules
+
+
+def _spec(lk: LazyKernel) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(lk.shape, lk.dtype)
 
 
 def _fresh(n: int, used: set[str]) -> list[str]:
@@ -237,7 +256,7 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
     k_free = [c for k, c in enumerate(kl) if k not in kc and k not in kb]
     out = "".join(batch + (x_free + k_free if kernel_rhs else k_free + x_free))
     out_dtype = jax.eval_shape(
-        lambda: lax.dot_general_p.bind(*((x, lk.base()) if kernel_rhs else (lk.base(), x)), **params)
+        lambda k: lax.dot_general_p.bind(*((x, k) if kernel_rhs else (k, x)), **params), _spec(lk)
     ).dtype
 
     def branch(x_: jax.Array, k: LazyKernel) -> jax.Array:
@@ -248,7 +267,7 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
         return dense_use(lax.dot_general_p, params, x, lk, not kernel_rhs, branch)
 
     def bind(x_: jax.Array) -> jax.Array:
-        return lax.dot_general_p.bind(*((x_, lk.base()) if kernel_rhs else (lk.base(), x_)), **params)
+        return base_use(lax.dot_general_p, params, x_, lk, not kernel_rhs)
 
     if lk.g is not None:  # DoRA: g = m / n on the output axes
         ks, xs = "".join(kl), "".join(xl)
@@ -273,7 +292,7 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
     out_feat = dn.rhs_spec[0]
     if lk.kinds[out_feat] != "b" or any(c != "a" for k, c in enumerate(lk.kinds) if k != out_feat):
         return None
-    out_dtype = jax.eval_shape(lambda: lax.conv_general_dilated_p.bind(x, lk.base(), **params)).dtype
+    out_dtype = jax.eval_shape(lambda k: lax.conv_general_dilated_p.bind(x, k, **params), _spec(lk)).dtype
 
     def branch(x_: jax.Array, k: LazyKernel) -> jax.Array:
         a_kernel = jnp.moveaxis(k.a.astype(k.dtype), -1, out_feat)
@@ -288,7 +307,7 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
         return dense_use(lax.conv_general_dilated_p, params, x, lk, False, branch)
 
     def bind(x_: jax.Array) -> jax.Array:
-        return lax.conv_general_dilated_p.bind(x_, lk.base(), **params)
+        return base_use(lax.conv_general_dilated_p, params, x_, lk, False)
 
     if lk.g is not None:  # DoRA: g = m / n on the output feature axis
         feat = dn.out_spec[1]

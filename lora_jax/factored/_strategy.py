@@ -95,7 +95,7 @@ def auto_is_dense(rows: int, k_in: int, k_out: int, backend: str | None = None) 
 
 def use_dense(strategy: str, lk: LazyKernel, dropping: bool, size: tuple[int, int, int]) -> bool:
     """Whether this use of ``lk`` runs dense; raises where ``"dense"`` cannot be honoured (LoRA dropout, DoRA)."""
-    if strategy == "factored":
+    if strategy == "factored" or lk.quantized:  # a quantized base: dequantized inside the base product only
         return False
     if lk.g is not None:  # DoRA: the dense rule has no gradient for m yet
         if strategy == "dense":

@@ -8,8 +8,11 @@ bitsandbytes' ``quantize_4bit`` packs them; int8 codes are ``round(127 x)``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.quant._codebooks import FOUR_BIT, bucket_bounds, code_book
 
@@ -48,10 +51,30 @@ def unpack_4bit(codes: jax.Array) -> jax.Array:
     return pairs.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
 
 
-def dequantize_blocks(codes: jax.Array, absmax: jax.Array, *, fmt: str, block_size: int) -> jax.Array:
-    """float32 values ``code_value * absmax`` of :func:`quantize_blocks`' output."""
-    four_bit = fmt in FOUR_BIT
-    values = jnp.asarray(code_book(fmt))[unpack_4bit(codes)] if four_bit else codes.astype(jnp.float32) / 127.0
+@functools.cache
+def _byte_pairs(fmt: str) -> np.ndarray:
+    """The two code values of every packed byte, high nibble first: a ``(256, 2)`` float32 table."""
+    book, byte = code_book(fmt), np.arange(256)
+    return np.stack([book[byte >> 4], book[byte & 0xF]], axis=-1).astype(np.float32)
+
+
+def dequantize_blocks(
+    codes: jax.Array, absmax: jax.Array, *, fmt: str, block_size: int, zero: jax.Array | None = None
+) -> jax.Array:
+    """float32 values ``code_value * absmax`` of :func:`quantize_blocks`' output.
+
+    4-bit codes are read a byte at a time from a 256-entry table of value pairs (one lookup per byte, no
+    unpacking: about 3x faster on CPU than unpacking the nibbles and looking each one up). ``zero``, an exact
+    float32 zero, is added to the table and to the scales: it makes every step of the dequantization depend
+    on where ``zero`` was computed (``factored`` dequantizes at each use so, see ``factored/_quantized.py``).
+    """
+    if fmt in FOUR_BIT:
+        table = jnp.asarray(_byte_pairs(fmt))
+        table = table if zero is None else table + zero
+        values = table[codes].reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+    else:
+        values = codes.astype(jnp.float32) / 127.0
+    absmax = absmax if zero is None else absmax + zero
     *lead, n = values.shape
     blocks = values.reshape(*lead, n // block_size, block_size)
     return (blocks * absmax[..., None].astype(jnp.float32)).reshape(*lead, n)

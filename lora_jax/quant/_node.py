@@ -111,16 +111,20 @@ class QuantizedKernel:
             return self.absmax.astype(jnp.float32)
         return dequantize_absmax(self.absmax, self.absmax2, self.offset)
 
-    def dequantize_view(self) -> jax.Array:
-        """The float32 values in the torch-layout 2-D view ``(out, in)`` (bitsandbytes' ``dequantize_4bit``)."""
-        values = dequantize_blocks(self.codes, self.scales(), fmt=self.format, block_size=self.block_size)
+    def dequantize_view(self, *, zero: jax.Array | None = None) -> jax.Array:
+        """The float32 values in the torch-layout 2-D view ``(out, in)`` (bitsandbytes' ``dequantize_4bit``).
+
+        ``zero``: an exact float32 zero added to the code table and the scales, to tie the computation to a
+        point of the program (see :func:`~lora_jax.quant._blockwise.dequantize_blocks`).
+        """
+        values = dequantize_blocks(self.codes, self.scales(), fmt=self.format, block_size=self.block_size, zero=zero)
         return values.reshape(view_shape(self.logical_shape, self.layout))
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
+    def dequantize(self, dtype: Any = None, *, zero: jax.Array | None = None) -> jax.Array:
         """The kernel in its flax layout, computed in float32 and cast once to ``dtype`` (default: its own)."""
         order = torch_order(self.layout)
         permuted = tuple(self.logical_shape[k] for k in order)
-        kernel = jnp.transpose(self.dequantize_view().reshape(permuted), _inverse(order))
+        kernel = jnp.transpose(self.dequantize_view(zero=zero).reshape(permuted), _inverse(order))
         return kernel.astype(self.dtype if dtype is None else dtype)
 
     def __repr__(self) -> str:
