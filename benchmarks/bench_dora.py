@@ -2,9 +2,10 @@
 
 Rows (training steps, adam, the trained state donated, interleaved round-robin as in
 ``bench_factored.py``, whose ``Row``, timing and fill helpers this reuses): factored LoRA,
-DoRA materialized (``apply_lora``: ``(m / n)·(W + s·A·B)`` formed per kernel) and DoRA
+DoRA materialized (``apply_lora``: ``(m / n)·(W + s·A·B)`` formed per kernel), DoRA
 factored (``lora_jax.factored``: ``n`` from ``‖W‖²``, ``Wᵀ·A`` and ``(Aᵀ·A, B)``, never
-``W + s·A·B``). Targets (issue #13): factored DoRA <= 1.15x factored LoRA step time
+``W + s·A·B``; the unscaled output kept for ``dm``, the default) and DoRA factored with
+``dora_recompute=True`` (the unscaled output recomputed in the backward pass). Targets (issue #13): factored DoRA <= 1.15x factored LoRA step time
 (median of the per-round ratio) and <= 1.05x its peak memory.
 
     python benchmarks/bench_dora.py                                   # 4 x d512, 1024 tokens
@@ -32,6 +33,7 @@ import lora_jax
 from lora_jax.models.gpt import GPT, GPTConfig, cross_entropy, lora_axes
 
 LORA, DORA_MAT, DORA_FAC = "factored LoRA", "DoRA materialized (apply_lora)", "DoRA factored (lora_jax.factored)"
+DORA_RECOMPUTE = "DoRA factored, dora_recompute=True (u recomputed)"
 
 
 def build_rows(cfg: GPTConfig, rank: int, batch: int, seed: int = 0) -> list[Row]:
@@ -52,12 +54,15 @@ def build_rows(cfg: GPTConfig, rank: int, batch: int, seed: int = 0) -> list[Row
     apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
     fac_apply = lora_jax.factored(apply, strategy="factored")  # the rows compare the fully factored strategy
     fac = _train_step(lambda lo, p, t: cross_entropy(fac_apply(p, lo, t), t), tx)
+    re_apply = lora_jax.factored(apply, strategy="factored", dora_recompute=True)
+    recompute = _train_step(lambda lo, p, t: cross_entropy(re_apply(p, lo, t), t), tx)
     mat = _train_step(lambda lo, p, t: cross_entropy(apply(lora_jax.apply_lora(p, lo), t), t), tx)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (each row owns its donated buffers)
     rows = [
         (LORA, fac, (copy(lora), tx.init(lora), params, tokens)),
         (DORA_MAT, mat, (copy(dora), tx.init(dora), params, tokens)),
         (DORA_FAC, fac, (copy(dora), tx.init(dora), params, tokens)),
+        (DORA_RECOMPUTE, recompute, (copy(dora), tx.init(dora), params, tokens)),
     ]
     out = []
     for name, fn, args in rows:
@@ -86,7 +91,13 @@ def table(rows: list[Row]) -> tuple[str, dict[str, float]]:
         "peak memory DoRA factored / LoRA factored": (by[DORA_FAC].peak / base.peak, "", 1.05),
     }
     mat, mlo, mhi = _paired_ratio(by[DORA_MAT].times, base.times)
-    lines += ["", f"DoRA materialized / LoRA factored (paired) = {mat:.3f} [{mlo:.3f}, {mhi:.3f}]"]
+    re_t, rlo, rhi = _paired_ratio(by[DORA_RECOMPUTE].times, base.times)
+    lines += [
+        "",
+        f"DoRA materialized / LoRA factored (paired) = {mat:.3f} [{mlo:.3f}, {mhi:.3f}]",
+        f"DoRA factored with dora_recompute=True / LoRA factored (paired) = {re_t:.3f} [{rlo:.3f}, {rhi:.3f}], "
+        f"peak {by[DORA_RECOMPUTE].peak / base.peak:.3f}",
+    ]
     for name, (value, spread, limit) in checks.items():
         lines.append(f"- {name}: {value:.3f}{spread} (target <= {limit}) {'PASS' if value <= limit else 'MISS'}")
     return "\n".join(lines), {k: v[0] for k, v in checks.items()}

@@ -237,8 +237,9 @@ def _model_case(name: str, dropout: float = 0.0):
     return fn, params, lora, x
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_factored_matches_apply_lora_in_values_and_gradients(name):
+def test_factored_matches_apply_lora_in_values_and_gradients(name, recompute):
     fn, params, lora, x = _model_case(name)
     cot = jnp.asarray(np.random.default_rng(3).normal(size=jax.eval_shape(fn, params, x).shape), jnp.float32)
 
@@ -246,7 +247,7 @@ def test_factored_matches_apply_lora_in_values_and_gradients(name):
         return jnp.sum(fn(apply_lora(params, lo), x) * cot)
 
     def fac(lo):
-        return jnp.sum(factored(fn)(params, lo, x) * cot)
+        return jnp.sum(factored(fn, dora_recompute=recompute)(params, lo, x) * cot)
 
     assert all("materialized" not in r for rs in factored(fn).explain(params, lora, x).values() for r in rs)
     np.testing.assert_allclose(jax.jit(fac)(lora), ref(lora), rtol=1e-5, atol=1e-4)
@@ -284,6 +285,24 @@ def test_factored_never_forms_the_kernel_nor_a_kernel_sized_gradient():
     fac_hits = [s for s in eqn_shapes(jax.make_jaxpr(jax.grad(fac))(lora).jaxpr) if s[1] in kernel_sized]
     assert len(ref_hits) > 3  # the materialized path forms W + sAB, its norm and dW'
     assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
+
+
+@pytest.mark.parametrize("name", ["dense", "dense_general_ioo", "conv_iiio"])
+def test_dora_recompute_keeps_no_unscaled_output_for_the_gradient_of_m(name):
+    """dm = Σ dy∘u / n needs u = x·W + s·(x·A)·B: kept by autodiff, or recomputed in the backward pass."""
+    fn, params, lora, x = _model_case(name)
+    x = jnp.concatenate([x, x, x])  # a batch of 3x: no factor has the output's size
+    out = jax.eval_shape(fn, params, x).shape
+
+    def saved(recompute):
+        loss = lambda lo: jnp.sum(factored(fn, dora_recompute=recompute)(params, lo, x))  # noqa: E731
+        leaves = jax.tree.leaves(jax.jit(lambda lo: jax.vjp(loss, lo)[1])(lora))
+        return [tuple(r.shape) for r in leaves if r.size == int(np.prod(out))]
+
+    assert saved(False), "autodiff keeps the unscaled output for dm"
+    assert not saved(True), saved(True)
+    with pytest.raises(TypeError, match=r"factored\(dora_recompute=...\): expected True or False"):
+        factored(fn, dora_recompute="yes")
 
 
 def test_dense_strategy_refuses_dora_and_auto_runs_it_factored():

@@ -219,21 +219,30 @@ def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str) -> jax.Array:
     return y * g0.astype(y.dtype)
 
 
-def _dora_use(base: Callable, branch: Callable, x: jax.Array, dropout: Dropout, scale: Callable) -> Any:
+def _dora_use(
+    base: Callable, branch: Callable, x: jax.Array, dropout: Dropout, scale: Callable, recompute: bool
+) -> Any:
     """DoRA's use: ``g∘(x·W + s·(x·A)·B)``; with LoRA dropout PEFT's
     ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``, computed as ``(x·W - x̃·W) + g∘(x̃·W + s·(x̃·A)·B)``.
 
-    The sum is scaled once, so the backward pass keeps one unscaled output ``u`` for ``dm`` (``dm = Σ dy∘u / n``),
-    not the base and branch outputs separately.
+    The gradient of ``m`` needs the unscaled output ``u = x̃·W + s·(x̃·A)·B`` (``dm = Σ dy∘u / n``). With
+    ``recompute`` the scaled sum runs under ``jax.checkpoint``: the backward pass recomputes ``u`` from ``x̃`` (one
+    more base product) instead of keeping an activation-sized ``u`` per DoRA use, which keeps peak memory at
+    LoRA's; else autodiff keeps ``u`` (faster, more memory).
     """
     xd = dropout(x)
+    if recompute:
+        scaled = jax.checkpoint(lambda x_: scale(base(x_) + branch(x_)))
+        return scaled(x) if xd is x else Pending(base(x) - base(xd), scaled(xd))
     if xd is x:  # no dropout at this use
         return scale(base(x) + branch(x))
     base_d = base(xd)
     return Pending(base(x) - base_d, scale(base_d + branch(xd)))
 
 
-def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
+def dot_general(
+    invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False, recompute: bool = False
+) -> Any:
     """``x·W + s·(x·A)·B`` for ``dot_general`` with the kernel on either side (``dense``: see ``_dense``)."""
     lhs, rhs = invals
     if isinstance(lhs, LazyKernel) and isinstance(rhs, LazyKernel):
@@ -273,7 +282,7 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
         ks, xs = "".join(kl), "".join(xl)
         gs = {kl[k] for k in lk.b_axes()}
         if gs <= set(out):
-            return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, lambda y: times_g(y, out, lk, ks))
+            return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, lambda y: times_g(y, out, lk, ks), recompute)
         if gs <= {xl[i] for i in xc} and dropout(x) is x:  # g on contracted axes (x @ E.T): scale x instead
             xg = times_g(x, xs, lk, ks)
             return Pending(bind(xg), branch(xg, lk))
@@ -281,7 +290,9 @@ def dot_general(invals: list[Any], params: dict[str, Any], dropout: Dropout, den
     return Pending(bind(x), branch(dropout(x), lk))
 
 
-def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False) -> Any:
+def conv_general_dilated(
+    invals: list[Any], params: dict[str, Any], dropout: Dropout, dense: bool = False, recompute: bool = False
+) -> Any:
     """A conv of ``x`` with A (``(*window, in) -> r``), then a 1x1 map ``r -> out`` with B."""
     x, lk = invals
     if isinstance(x, LazyKernel) or not isinstance(lk, LazyKernel):
@@ -315,7 +326,7 @@ def conv_general_dilated(invals: list[Any], params: dict[str, Any], dropout: Dro
         def scale(y: jax.Array) -> jax.Array:
             return y * jnp.expand_dims(lk.g.reshape(-1), [i for i in range(y.ndim) if i != feat]).astype(y.dtype)
 
-        return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, scale)
+        return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, scale, recompute)
     return Pending(bind(x), branch(dropout(x), lk))
 
 
