@@ -62,7 +62,9 @@ def with_lora(
 
     def call(*args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         graphdef, params, rest = split_params(module)
-        out, new_rest = run_method(graphdef, method, strategy)(params, lora, rest, *args, dropout_rng=dropout_rng, **kwargs)
+        out, new_rest = run_method(graphdef, method, strategy)(
+            params, lora, rest, *args, dropout_rng=dropout_rng, **kwargs
+        )
         nnx.update(module, new_rest)
         return out
 

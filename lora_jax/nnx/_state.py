@@ -38,9 +38,7 @@ def split_params(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State
 
 def variable_types(state: nnx.State) -> dict[str, str]:
     """The class name of every variable of ``state`` (``"BatchStat"``, ``"RngCount"``...), keyed by path."""
-    return {
-        "/".join(str(k) for k in path): type(v).__name__ for path, v in nnx.to_flat_state(state)
-    }
+    return {"/".join(str(k) for k in path): type(v).__name__ for path, v in nnx.to_flat_state(state)}
 
 
 def check_fits(where: str, module: nnx.Module, params: nnx.State, rest: nnx.State, lora: Any) -> None:
