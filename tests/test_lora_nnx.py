@@ -6,6 +6,7 @@ References are float64 NumPy closed forms of the tiny models below; training loo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import subprocess
 import sys
@@ -68,6 +69,16 @@ class Decoder(nnx.Module):
         return self.cache[...].sum(0)
 
 
+@functools.cache
+def _built(cls: type) -> nnx.Module:
+    return cls(nnx.Rngs(rbg_key(0)))
+
+
+def fresh(cls: type) -> nnx.Module:
+    """A new instance of one of the models above, all with the same weights (cloned: flax's init runs once)."""
+    return nnx.clone(_built(cls))
+
+
 def data(seed: int, n: int = 32) -> tuple[jax.Array, jax.Array]:
     """Inputs and a fixed smooth regression target."""
     rng = np.random.default_rng(seed)
@@ -111,7 +122,7 @@ SPEC = lora_jax.LoraSpec(rank=2, alpha=4.0, targets=["hidden", "head"], init="ra
 
 def test_init_lora_keys_adapters_by_nnx_param_paths():
     spec = lora_jax.LoraSpec(rank=2, targets=["hidden", "head"], trainable=["norm"])
-    lora = lnnx.init_lora(rbg_key(1), NormNet(nnx.Rngs(rbg_key(0))), spec)
+    lora = lnnx.init_lora(rbg_key(1), fresh(NormNet), spec)
     items = lora_jax.adapter_items(lora)
     assert {p: type(n).__name__ for p, n in items.items()} == {
         "head/kernel": "LoraWeights",
@@ -123,14 +134,14 @@ def test_init_lora_keys_adapters_by_nnx_param_paths():
 
 
 def test_init_lora_from_an_abstract_module_equals_the_real_one():
-    abstract = nnx.eval_shape(lambda: DropMLP(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: DropMLP(nnx.Rngs(rbg_key(0))))
     assert isinstance(flatten_with_paths(nnx.state(abstract, nnx.Param))["hidden/kernel"], jax.ShapeDtypeStruct)
-    real = DropMLP(nnx.Rngs(0))
+    real = fresh(DropMLP)
     assert_bit_equal(lnnx.init_lora(rbg_key(1), abstract, SPEC), lnnx.init_lora(rbg_key(1), real, SPEC))
 
 
 def test_init_lora_leaves_the_module_unchanged():
-    model = DropMLP(nnx.Rngs(rbg_key(0)))
+    model = fresh(DropMLP)
     before = nnx.state(model)
     before = jax.tree.map(jnp.copy, before)
     lnnx.init_lora(rbg_key(1), model, SPEC)
@@ -141,7 +152,7 @@ def test_init_lora_leaves_the_module_unchanged():
 
 
 def test_apply_lora_module_computes_the_float64_closed_form():
-    model = NormNet(nnx.Rngs(rbg_key(0)))
+    model = fresh(NormNet)
     model.norm.use_running_average = True  # a fixed affine map, so the closed form is short
     lora = random_lora(model, SPEC)
     x, _ = data(0, n=5)
@@ -158,7 +169,7 @@ def test_apply_lora_module_computes_the_float64_closed_form():
 
 
 def test_apply_lora_copies_rng_and_cache_state_and_leaves_the_original_untouched():
-    model = DropMLP(nnx.Rngs(rbg_key(0)))
+    model = fresh(DropMLP)
     model(data(0)[0])  # advance the rng count: the copy must start from the current state
     lora = random_lora(model, SPEC)
     snapshot = jax.tree.map(jnp.copy, nnx.state(model))
@@ -172,7 +183,7 @@ def test_apply_lora_copies_rng_and_cache_state_and_leaves_the_original_untouched
 
 
 def test_apply_lora_passes_a_filled_cache_through():
-    model = Decoder(nnx.Rngs(rbg_key(0)))
+    model = fresh(Decoder)
     x, _ = data(3, n=2)
     model.decode(x[0])
     lora = random_lora(model, lora_jax.LoraSpec(rank=2, targets=["proj"], init="random"))
@@ -187,7 +198,7 @@ def test_apply_lora_passes_a_filled_cache_through():
 
 
 def test_apply_lora_runs_under_nnx_jit():
-    model = NormNet(nnx.Rngs(rbg_key(0)))
+    model = fresh(NormNet)
     model.norm.use_running_average = True
     lora = random_lora(model, SPEC)
     x, _ = data(0, n=4)
@@ -200,7 +211,7 @@ def test_apply_lora_runs_under_nnx_jit():
 
 
 def test_with_lora_cache_decode_advances_the_modules_own_cache():
-    model = Decoder(nnx.Rngs(rbg_key(0)))
+    model = fresh(Decoder)
     lora = random_lora(model, lora_jax.LoraSpec(rank=2, targets=["proj"], init="random"))
     kernel = np.array(model.proj.kernel[...])
     x, _ = data(4, n=3)
@@ -215,7 +226,7 @@ def test_with_lora_cache_decode_advances_the_modules_own_cache():
 
 def test_with_lora_factored_decode_equals_the_materialized_one():
     x, _ = data(4, n=2)
-    models = [Decoder(nnx.Rngs(rbg_key(0))) for _ in range(2)]
+    models = [fresh(Decoder) for _ in range(2)]
     lora = random_lora(models[0], lora_jax.LoraSpec(rank=2, targets=["proj"], init="random"))
     for model, strategy in zip(models, [None, "factored"], strict=True):
         decode = lnnx.with_lora(model, lora, method="decode", strategy=strategy)
@@ -228,7 +239,7 @@ def test_with_lora_factored_decode_equals_the_materialized_one():
 @pytest.fixture(scope="module")
 def nnx_jit_run():
     """``with_lora`` trained inside ``nnx.jit`` with ``nnx.value_and_grad`` over the adapters: dropout on."""
-    model = DropMLP(nnx.Rngs(rbg_key(0)))
+    model = fresh(DropMLP)
     base = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
     lora0 = lnnx.init_lora(rbg_key(1), model, lora_jax.LoraSpec(rank=2, alpha=4.0, targets=["hidden", "head"]))
     tx = optax.adam(3e-2)
@@ -271,7 +282,7 @@ def test_nnx_jit_loop_advances_the_dropout_rng_every_step(nnx_jit_run):
 
 @pytest.fixture(scope="module")
 def functional_run():
-    model = DropMLP(nnx.Rngs(rbg_key(0)))
+    model = fresh(DropMLP)
     forward, params, rest = lnnx.functional(model)
     snapshot = arrays(params)
     lora0 = lora_jax.init_lora(rbg_key(1), params, lora_jax.LoraSpec(rank=2, alpha=4.0, targets=["hidden", "head"]))
@@ -322,7 +333,7 @@ def test_functional_loop_threads_the_rng_state_and_writes_nothing_back(functiona
 
 
 def test_functional_factored_batchnorm_stats_and_grads_equal_the_materialized_path():
-    model = NormNet(nnx.Rngs(rbg_key(0)))
+    model = fresh(NormNet)
     lora = random_lora(model, SPEC)
     x, y = data(5, n=6)
     results = []
@@ -346,7 +357,7 @@ def test_functional_factored_batchnorm_stats_and_grads_equal_the_materialized_pa
 
 
 def test_with_lora_under_nnx_jit_writes_batch_stats_back_like_functional():
-    model = NormNet(nnx.Rngs(rbg_key(0)))
+    model = fresh(NormNet)
     lora = random_lora(model, SPEC)
     x, _ = data(5, n=6)
     forward, params, rest = lnnx.functional(model)
@@ -361,7 +372,7 @@ def test_with_lora_under_nnx_jit_writes_batch_stats_back_like_functional():
 
 def test_init_lora_with_no_matching_param_names_the_module_and_nearest_paths():
     with pytest.raises(ValueError, match=r"init_lora\(module=DropMLP\).*matched no kernel.*hidden.*nnx.Param"):
-        lnnx.init_lora(rbg_key(0), DropMLP(nnx.Rngs(0)), lora_jax.LoraSpec(rank=2, targets=["hiden"]))
+        lnnx.init_lora(rbg_key(0), fresh(DropMLP), lora_jax.LoraSpec(rank=2, targets=["hiden"]))
 
 
 def test_init_lora_on_a_module_whose_only_kernel_is_a_cache_refuses():
@@ -375,11 +386,11 @@ def test_init_lora_on_a_module_whose_only_kernel_is_a_cache_refuses():
 
 
 def test_lora_for_another_module_names_the_missing_path():
-    lora = lnnx.init_lora(rbg_key(0), Decoder(nnx.Rngs(0)), lora_jax.LoraSpec(rank=2, targets=["proj"]))
+    lora = lnnx.init_lora(rbg_key(0), fresh(Decoder), lora_jax.LoraSpec(rank=2, targets=["proj"]))
     with pytest.raises(ValueError, match=r"at proj/kernel: expected an nnx.Param path of the DropMLP.*nearest"):
-        lnnx.apply_lora(DropMLP(nnx.Rngs(0)), lora)
+        lnnx.apply_lora(fresh(DropMLP), lora)
     with pytest.raises(ValueError, match=r"with_lora\(lora=...\) at proj/kernel"):
-        lnnx.with_lora(DropMLP(nnx.Rngs(0)), lora)
+        lnnx.with_lora(fresh(DropMLP), lora)
 
 
 def test_lora_for_a_differently_shaped_module_names_both_shapes():
@@ -388,20 +399,22 @@ def test_lora_for_a_differently_shaped_module_names_both_shapes():
             super().__init__(rngs)
             self.hidden = nnx.Linear(IN, HIDDEN + 1, rngs=rngs)
 
-    lora = lnnx.init_lora(rbg_key(0), Wide(nnx.Rngs(0)), lora_jax.LoraSpec(rank=2, targets=["hidden"]))
+    lora = lnnx.init_lora(
+        rbg_key(0), nnx.eval_shape(lambda: Wide(nnx.Rngs(0))), lora_jax.LoraSpec(rank=2, targets=["hidden"])
+    )
     with pytest.raises(ValueError, match=r"at hidden/kernel: expected .*shape \(6, 8\), found .*shape \(6, 9\)"):
-        lnnx.apply_lora(DropMLP(nnx.Rngs(0)), lora)
+        lnnx.apply_lora(fresh(DropMLP), lora)
 
 
 def test_lora_on_a_non_param_variable_says_which_kind_it_is():
-    model = Decoder(nnx.Rngs(0))
+    model = fresh(Decoder)
     lora = lora_jax.init_lora(rbg_key(0), nnx.state(model), lora_jax.LoraSpec(rank=2, targets=["cache"]))
     with pytest.raises(ValueError, match=r"at cache: expected an nnx.Param of the Decoder, found a Cache variable"):
         lnnx.apply_lora(model, lora)
 
 
 def test_arguments_that_are_not_a_module_or_an_adapter_tree_are_refused():
-    model = DropMLP(nnx.Rngs(0))
+    model = fresh(DropMLP)
     lora = lnnx.init_lora(rbg_key(0), model, SPEC)
     with pytest.raises(TypeError, match=r"init_lora\(module=...\): expected an nnx.Module, found State"):
         lnnx.init_lora(rbg_key(0), nnx.state(model), SPEC)
@@ -412,7 +425,7 @@ def test_arguments_that_are_not_a_module_or_an_adapter_tree_are_refused():
 
 
 def test_bad_method_strategy_and_dropout_rng_are_refused():
-    model = DropMLP(nnx.Rngs(0))
+    model = fresh(DropMLP)
     lora = lnnx.init_lora(rbg_key(0), model, SPEC)
     with pytest.raises(AttributeError, match=r"method=...\): expected the name of a method of DropMLP.*'decode'"):
         lnnx.with_lora(model, lora, method="decode")
