@@ -7,6 +7,7 @@ module outside is written to; what the method changed in the rest (rng counts, c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,8 +53,13 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
+@functools.lru_cache(maxsize=64)
 def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
-    """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``."""
+    """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``.
+
+    Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
+    so its compiled program (a wrapper made per call would compile at every call).
+    """
     if strategy is None:
 
         def run(params: Any, lora: Any, rest: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
