@@ -236,6 +236,25 @@ def test_with_lora_factored_decode_equals_the_materialized_one():
     assert int(models[1].index[...]) == 2
 
 
+def test_with_lora_factored_takes_the_lora_dropout_rng_per_call():
+    model = fresh(Decoder)
+    spec = lora_jax.LoraSpec(rank=2, targets=["proj"], init="random", dropout=0.5)
+    lora = random_lora(model, spec)
+    x = data(4, n=1)[0][0]
+    decode = lnnx.with_lora(model, lora, method="decode", strategy="factored")
+    with pytest.raises(ValueError, match="dropout_rng"):
+        decode(x)
+    outs = []
+    for key in [rbg_key(7), rbg_key(7), rbg_key(8)]:
+        model.index[...] = jnp.zeros((), jnp.int32)
+        outs.append(np.array(decode(x, dropout_rng=key)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+    model.index[...] = jnp.zeros((), jnp.int32)
+    no_dropout = np.asarray(x, np.float64) @ effective64(model, lora, "proj/kernel")
+    assert not np.allclose(outs[0], no_dropout, atol=1e-3)  # the dropout acts on the adapter's input
+
+
 @pytest.fixture(scope="module")
 def nnx_jit_run():
     """``with_lora`` trained inside ``nnx.jit`` with ``nnx.value_and_grad`` over the adapters: dropout on."""
