@@ -441,6 +441,8 @@ def test_arguments_that_are_not_a_module_or_an_adapter_tree_are_refused():
         lnnx.apply_lora(lora, model)  # swapped
     with pytest.raises(TypeError, match=r"apply_lora\(lora=...\)"):
         lnnx.apply_lora(model, nnx.state(model))
+    with pytest.raises(TypeError, match=r"(?s)functional\(module=...\): expected an nnx.Module.*nnx.merge\(graphdef"):
+        lnnx.functional(nnx.split(model))
 
 
 def test_bad_method_strategy_and_dropout_rng_are_refused():

@@ -18,6 +18,13 @@ from lora_jax.targets._paths import flatten_with_paths
 REST = "rng, cache, batch-stat and other non-Param variables"
 
 
+def _module_hint(where: str) -> str:
+    name = where.split(".")[-1]
+    if name in ("init_lora", "apply_lora"):
+        return f"Pass the module itself; for an nnx.State or a params pytree use lora_jax.{name}"
+    return "Pass the module itself; nnx.merge(graphdef, state) rebuilds one from its split state"
+
+
 def check_module(where: str, module: Any) -> None:
     """Raise ``TypeError`` unless ``module`` is an ``nnx.Module``; the hint names the State-level function."""
     if not isinstance(module, nnx.Module):
@@ -26,7 +33,7 @@ def check_module(where: str, module: Any) -> None:
                 f"{where}(module=...)",
                 "an nnx.Module",
                 module,
-                f"Pass the module itself; for an nnx.State or a params pytree use lora_jax.{where.split('.')[-1]}",
+                _module_hint(where),
             )
         )
 
