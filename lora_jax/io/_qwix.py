@@ -104,7 +104,7 @@ def _kernels(tree: Any) -> dict[str, Any]:
 
 
 def _no_fit(path: str, shape: tuple, qa: Any, qb: Any, layout: str | None) -> ValueError:
-    shown = f"layout {layout!r}" if layout else "any layout of 'i' and 'o' axes"
+    shown = f"layout {layout!r}" if layout else "any layout of 'b', 'i' and 'o' axes"
     return ValueError(
         expected(
             f"{path}: qwix LoRA A {tuple(qa.shape)} and B {tuple(qb.shape)}",

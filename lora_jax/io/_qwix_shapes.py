@@ -80,17 +80,26 @@ def form_of(path: str, layout: str, shape: tuple[int, ...], a_shape: tuple, b_sh
 
 
 def layouts_fitting(shape: tuple[int, ...], a_shape: tuple, b_shape: tuple) -> list[str]:
-    """Every ``i``/``o`` layout of the kernel that qwix's A and B fit, in either form.
+    """Every layout of the kernel that qwix's A and B fit.
 
-    An einsum batch axis reads as ``"i"`` here (it is on A): the same update.
+    An einsum batch axis is on A only, so it reads as ``"i"`` (the same update);
+    ``"b"`` axes are read where both factors carry them (the dot_general form).
 
     >>> layouts_fitting((6, 2, 3), (6, 4), (4, 2, 3)), layouts_fitting((2, 3, 6), (2, 3, 4), (4, 6))
     (['ioo'], ['iio'])
+    >>> layouts_fitting((2, 4, 5), (2, 4, 3), (2, 3, 5))  # nnx.LinearGeneral(4, 5, batch_axis={0: 2})
+    ['bio']
     """
     out = []
-    for letters in itertools.product("io", repeat=len(shape)):
+    for letters in itertools.product("bio", repeat=len(shape)):
         layout = "".join(letters)
-        if "i" in layout and "o" in layout and form_of("", layout, shape, a_shape, b_shape) is not None:
+        if "i" not in layout or "o" not in layout:
+            continue
+        try:
+            form = form_of("", layout, shape, a_shape, b_shape)
+        except ValueError:  # both forms fit: the layout fits, the form is ambiguous (raised again when converting)
+            form = DOT
+        if form == DOT or (form == EINSUM and "b" not in layout):
             out.append(layout)
     return out
 
