@@ -9,6 +9,8 @@ a batch axis on A only).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,17 +69,22 @@ DENSE_AXES = {"split": "ioo", "join": "iio", "per_head": "bio"}
 ATTN_AXES = {"query": "ioo", "mix": "iio", "out": "iio"}
 
 
+def key(seed: int) -> jax.Array:
+    """An "rbg" key: its random kernels compile much faster than threefry's on CPU (the code path is the same)."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def inputs(model_cls, dtype=jnp.float32):
     shape = (3, 6) if model_cls is Dense else (2, 3, 6)
-    return jax.random.normal(jax.random.key(7), shape, dtype)
+    return jnp.asarray(np.random.default_rng(7).normal(size=shape), dtype)
 
 
 def build(model_cls, dtype=jnp.float32, provider=None):
     """The base model's split and its qwix LoRA twin (same base weights)."""
-    base = model_cls(dtype, rngs=nnx.Rngs(0))
+    base = model_cls(dtype, rngs=nnx.Rngs(key(0)))
     x = inputs(model_cls, dtype)
     provider = provider or qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA)
-    twin = qwix.apply_lora_to_model(base, provider, x, rngs=nnx.Rngs(1))
+    twin = qwix.apply_lora_to_model(base, provider, x, rngs=nnx.Rngs(key(1)))
     graphdef, params, rest = nnx.split(base, nnx.Param, ...)
     twin_params = nnx.state(twin, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     jax.tree.map(np.testing.assert_array_equal, twin_params, params)
@@ -88,8 +95,8 @@ def randomize(twin, seed=3):
     """Nonzero random A and B in the qwix model (qwix's init has B = 0, a no-op)."""
     state = nnx.state(twin, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    values = [0.5 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    rng = np.random.default_rng(seed)
+    values = [jnp.asarray(0.5 * rng.normal(size=x.shape), x.dtype) for x in leaves]
     nnx.update(twin, jax.tree.unflatten(treedef, values))
     return nnx.state(twin, nnx.LoRAParam)
 
@@ -98,9 +105,15 @@ def ours(graphdef, params, rest, lora, x):
     return nnx.merge(graphdef, apply_lora(params, lora), rest)(x)
 
 
-@pytest.fixture(scope="module", params=[Dense, Attn], ids=["dot_general", "einsum"])
+@functools.cache
+def built(model_cls):
+    """One f32 build per model class for the whole module (each test sets the LoRA values it needs)."""
+    return build(model_cls)
+
+
+@pytest.fixture(params=[Dense, Attn], ids=["dot_general", "einsum"])
 def model(request):
-    return (request.param, *build(request.param))
+    return (request.param, *built(request.param))
 
 
 def test_from_qwix_gives_qwix_logits(model):
@@ -125,7 +138,7 @@ def test_to_qwix_gives_lora_jax_logits(model):
     model_cls, graphdef, params, rest, twin, x = model
     axes = DENSE_AXES if model_cls is Dense else ATTN_AXES
     spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", axes=axes, init="random")
-    lora = init_lora(jax.random.key(5), params, spec)
+    lora = init_lora(key(5), params, spec)
     filled = to_qwix(lora, nnx.state(twin, nnx.LoRAParam), alpha=ALPHA)
     assert isinstance(filled, nnx.State)
     nnx.update(twin, filled)
@@ -158,7 +171,7 @@ def test_float64_is_exact_both_ways():
             lora, _ = from_qwix(randomize(twin), params, alpha=ALPHA)
             np.testing.assert_allclose(ours(graphdef, params, rest, lora, x), twin(x), rtol=1e-12, atol=1e-12)
             spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", init="random", dtype="float64")
-            mine = init_lora(jax.random.key(2), params, spec.replace(axes=DENSE_AXES if model_cls is Dense else ATTN_AXES))
+            mine = init_lora(key(2), params, spec.replace(axes=DENSE_AXES if model_cls is Dense else ATTN_AXES))
             nnx.update(twin, to_qwix(mine, nnx.state(twin, nnx.LoRAParam), alpha=ALPHA))
             np.testing.assert_allclose(twin(x), ours(graphdef, params, rest, mine, x), rtol=1e-12, atol=1e-12)
 
@@ -179,13 +192,13 @@ def test_rules_with_their_own_rank_and_alpha():
 
 
 def test_from_qwix_with_a_spec_checks_it_and_adds_the_layouts(model):
-    model_cls, graphdef, params, rest, twin, x = model
+    _, graphdef, params, rest, twin, x = model
     state = randomize(twin, seed=4)
     spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", freeze_a=True)
     lora, out_spec = from_qwix(state, params, spec=spec)
     np.testing.assert_allclose(ours(graphdef, params, rest, lora, x), twin(x), rtol=1e-5, atol=1e-5)
     assert all(n.frozen == ("a",) for n in adapter_items(lora).values())
-    init_lora(jax.random.key(0), params, out_spec)  # resolves: every multi-axis layout is now in the spec
+    init_lora(key(0), params, out_spec)  # resolves: every multi-axis layout is now in the spec
     with pytest.raises(ValueError, match="rank"):
         from_qwix(state, params, spec=spec.replace(rank=2))
     with pytest.raises(ValueError, match="rslora"):
@@ -194,7 +207,7 @@ def test_from_qwix_with_a_spec_checks_it_and_adds_the_layouts(model):
 
 def test_einsum_batch_axis_read_as_b_broadcasts_b():
     """'bio' for an einsum batch axis: qwix's one B is shared across it; lora_jax's B is its broadcast."""
-    graphdef, params, rest, twin, x = build(Attn)
+    graphdef, params, rest, twin, x = built(Attn)
     state = randomize(twin)
     lora, _ = from_qwix(state, params, alpha=ALPHA, axes={"mix": "bio"})
     node = lora["mix"]["kernel"]
@@ -210,9 +223,9 @@ def test_einsum_batch_axis_read_as_b_broadcasts_b():
 # --- bad input: clear errors naming the path ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def attn():
-    graphdef, params, rest, twin, x = build(Attn)
+    _, params, _, twin, _ = built(Attn)
     return params, twin, randomize(twin, seed=8)
 
 
@@ -273,9 +286,9 @@ def test_alpha_or_spec_required(attn):
 
 
 def test_to_qwix_refuses_what_qwix_cannot_hold(attn):
-    params, twin, state = attn
+    params, _, state = attn
     spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", axes=ATTN_AXES, init="random")
-    lora = init_lora(jax.random.key(1), params, spec)
+    lora = init_lora(key(1), params, spec)
     with pytest.raises(ValueError, match=r"mix/kernel: the adapter's scale: expected qwix's alpha / rank = 1"):
         to_qwix(lora, state, alpha=4.0)
     partial = {k: v for k, v in lora.items() if k != "out"}
@@ -287,15 +300,15 @@ def test_to_qwix_refuses_what_qwix_cannot_hold(attn):
     dora = {**lora, "out": {"kernel": DoraWeights(node.a, node.b, jnp.ones(7), scale=node.scale, layout="iio")}}
     with pytest.raises(TypeError, match=r"out/kernel: to_qwix\(lora=...\): expected a LoraWeights"):
         to_qwix(dora, state, alpha=ALPHA)
-    low = init_lora(jax.random.key(1), params, spec.replace(rank=2))
+    low = init_lora(key(1), params, spec.replace(rank=2))
     with pytest.raises(ValueError, match=r"mix/kernel: the lora_jax adapter's rank: expected qwix's rank 4"):
         to_qwix(low, state, alpha=ALPHA)
 
 
 def test_rslora_folds_into_b_when_asked():
-    graphdef, params, rest, twin, x = build(Dense)
+    graphdef, params, rest, twin, x = built(Dense)
     spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", axes=DENSE_AXES, init="random", rslora=True)
-    lora = init_lora(jax.random.key(9), params, spec)
+    lora = init_lora(key(9), params, spec)
     like = nnx.state(twin, nnx.LoRAParam)
     with pytest.raises(ValueError, match="fold_scale=True"):
         to_qwix(lora, like, alpha=ALPHA)
