@@ -164,16 +164,16 @@ def test_full_qwix_state_without_params(model):
     jax.tree.map(np.testing.assert_array_equal, full, nnx.state(twin))
 
 
-def test_float64_is_exact_both_ways():
+@pytest.mark.parametrize("model_cls", [Dense, Attn], ids=["dot_general", "einsum"])
+def test_float64_is_exact_both_ways(model_cls):
     with jax.enable_x64(True):
-        for model_cls in (Dense, Attn):
-            graphdef, params, rest, twin, x = build(model_cls, jnp.float64)
-            lora, _ = from_qwix(randomize(twin), params, alpha=ALPHA)
-            np.testing.assert_allclose(ours(graphdef, params, rest, lora, x), twin(x), rtol=1e-12, atol=1e-12)
-            spec = LoraSpec(rank=RANK, alpha=ALPHA, targets=".*kernel", init="random", dtype="float64")
-            mine = init_lora(key(2), params, spec.replace(axes=DENSE_AXES if model_cls is Dense else ATTN_AXES))
-            nnx.update(twin, to_qwix(mine, nnx.state(twin, nnx.LoRAParam), alpha=ALPHA))
-            np.testing.assert_allclose(twin(x), ours(graphdef, params, rest, mine, x), rtol=1e-12, atol=1e-12)
+        graphdef, params, rest, twin, x = build(model_cls, jnp.float64)
+        lora, _ = from_qwix(randomize(twin), params, alpha=ALPHA)
+        np.testing.assert_allclose(ours(graphdef, params, rest, lora, x), twin(x), rtol=1e-12, atol=1e-12)
+        rng = np.random.default_rng(21)  # other adapters, of lora's shapes and layouts, the other way
+        mine = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape)), lora)
+        nnx.update(twin, to_qwix(mine, nnx.state(twin, nnx.LoRAParam), alpha=ALPHA))
+        np.testing.assert_allclose(twin(x), ours(graphdef, params, rest, mine, x), rtol=1e-12, atol=1e-12)
 
 
 def test_rules_with_their_own_rank_and_alpha():
@@ -218,6 +218,24 @@ def test_einsum_batch_axis_read_as_b_broadcasts_b():
     untied = LoraWeights(node.a, node.b.at[1].add(1.0), scale=node.scale, layout="bio")
     with pytest.raises(ValueError, match=r"mix/kernel: .*shared across"):
         to_qwix({**lora, "mix": {"kernel": untied}}, state, alpha=ALPHA)
+
+
+def test_conv_is_the_einsum_form():
+    """qwix's conv LoRA: A (kh, kw, in, r), B (r, out), lora_jax's "iiio" as it is."""
+    base = nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(key(0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 4)), jnp.float32)
+    twin = qwix.apply_lora_to_model(
+        base, qwix.LoraProvider(module_path=".*", rank=2, alpha=3.0), x, rngs=nnx.Rngs(key(1))
+    )
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+    lora, _ = from_qwix(randomize(twin), params, alpha=3.0)
+    assert lora["kernel"].layout == "iiio"
+    np.testing.assert_allclose(ours(graphdef, params, rest, lora, x), twin(x), rtol=1e-5, atol=1e-5)
+    mine = init_lora(
+        key(2), params, LoraSpec(rank=2, alpha=3.0, targets=["kernel"], axes={"kernel": "iiio"}, init="random")
+    )
+    nnx.update(twin, to_qwix(mine, nnx.state(twin, nnx.LoRAParam), alpha=3.0))
+    np.testing.assert_allclose(twin(x), ours(graphdef, params, rest, mine, x), rtol=1e-5, atol=1e-5)
 
 
 # --- bad input: clear errors naming the path ---------------------------------------------------------------

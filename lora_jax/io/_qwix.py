@@ -255,8 +255,9 @@ def from_qwix(
         and its targets must be exactly the weights qwix adapted.
 
     Returns:
-      ``(lora, spec)``: the adapter tree, and ``spec`` (given, with the layouts read
-      off qwix's shapes added) or a spec selecting exactly the converted paths.
+      ``(lora, spec)``: the adapter tree (in qwix's dtype), and ``spec`` (given, with
+      the layouts read off qwix's shapes added and qwix's dtype) or a spec selecting
+      exactly the converted paths.
 
     Raises:
       TypeError: without exactly one of ``alpha`` and ``spec``.
@@ -310,6 +311,8 @@ def from_qwix(
         layouts[p] = _layout_of(p, tuple(kernels[p].shape), qa, qb, frozen_axes)
     if spec is not None:
         targets, spec = _spec_targets(spec, kernels, pairs, layouts)
+        dtypes = {jnp.dtype(qa.dtype).name for qa, _ in pairs.values()}
+        spec = spec.replace(dtype=dtypes.pop()) if len(dtypes) == 1 else spec  # the adapters keep qwix's dtype
         alphas = {p: t.alpha for p, t in targets.items()}
     else:
         alphas = {p: _alpha_for(alpha, p, "from_qwix") for p in pairs}
