@@ -34,6 +34,8 @@ from lora_jax.io._peft_adalora import import_adalora_allocation as import_adalor
 from lora_jax.io._peft_export import export_peft as export_peft
 from lora_jax.io._peft_import import import_peft as import_peft
 from lora_jax.io._peft_names import default_name_map as default_name_map
+from lora_jax.io._qwix import from_qwix as from_qwix
+from lora_jax.io._qwix import to_qwix as to_qwix
 from lora_jax.multi._bank import AdapterBank as AdapterBank
 from lora_jax.multi._bank import select as select
 from lora_jax.multi._bank import stack as stack
