@@ -156,4 +156,6 @@ def test_multi_adapter_benchmark_prints_every_row_and_the_target():
         assert re.search(rf"^\| {k} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
     diffs = [float(m) for m in re.findall(r"\| ([\d.]+e[-+]\d+) \|$", out, re.M)]
     assert len(diffs) == 8 and max(diffs) < 1e-4, out  # every way of running the batch gives the same logits
-    assert re.search(r"^- 16 distinct adapters, mixed_batch / one adapter: [\d.]+ \(target >= 0.7\) (PASS|MISS)$", out, re.M)
+    assert re.search(
+        r"^- 16 distinct adapters, mixed_batch / one adapter: [\d.]+ \(target >= 0.7\) (PASS|MISS)$", out, re.M
+    )
