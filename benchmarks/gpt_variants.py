@@ -26,17 +26,20 @@ _EQ = {"query": "btd,dhk->bthk", "key": "btd,dhk->bthk", "value": "btd,dhk->bthk
 _EQ.update({"mlp_in": "btd,df->btf", "mlp_out": "btf,fd->btd"})
 
 
-def _lora_einsum(eq: str, x: jax.Array, p: dict, node) -> jax.Array:
-    """``einsum(x, W) + s * einsum(einsum(x, A), B)``, W frozen."""
+def lora_term(eq: str, x: jax.Array, node) -> jax.Array:
+    """``s * einsum(einsum(x, A), B)``: the adapter's part of ``einsum(eq, x, W + s·A·B)``."""
     ins, out = eq.split("->")
     xs, ws = ins.split(",")
-    contracted = [c for c in ws if c in xs]
-    kept = [c for c in ws if c not in xs]
+    contracted = "".join(c for c in ws if c in xs)
+    kept = "".join(c for c in ws if c not in xs)
+    t = jnp.einsum(f"{xs},{contracted}r->{xs.replace(contracted, '')}r", x, node.a)
+    return node.scale * jnp.einsum(f"{xs.replace(contracted, '')}r,r{kept}->{out}", t, node.b)
+
+
+def _lora_einsum(eq: str, x: jax.Array, p: dict, node) -> jax.Array:
+    """``einsum(x, W) + s * einsum(einsum(x, A), B)``, W frozen."""
     y = jnp.einsum(eq, x, jax.lax.stop_gradient(p["kernel"])) + p["bias"]
-    if node is None:
-        return y
-    t = jnp.einsum(f"{xs},{''.join(contracted)}r->{xs.replace(''.join(contracted), '')}r", x, node.a)
-    return y + node.scale * jnp.einsum(f"{xs.replace(''.join(contracted), '')}r,r{''.join(kept)}->{out}", t, node.b)
+    return y if node is None else y + lora_term(eq, x, node)
 
 
 def _layernorm(p: dict, x: jax.Array) -> jax.Array:

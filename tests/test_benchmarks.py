@@ -8,6 +8,7 @@ benchmark's ratios mean something only if that holds.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from gpt_variants import NnxGPT, PlainNnxGPT, handwritten_forward  # noqa: E402
+
+from tests._small_models import random_like  # noqa: E402
 
 TARGETS = ["query", "key", "value", "out", "mlp_in", "mlp_out"]
 SWITCHES = [{}, {"remat": True, "attention_chunk": 4}]
@@ -124,3 +127,55 @@ def test_qlora_benchmark_prints_the_three_rows_and_the_two_targets():
     targets = [line for line in out.splitlines() if line.startswith("- ") and "(target <=" in line]
     assert len(targets) == 2, out
     assert "qwix" in out
+
+
+def test_peft_loop_and_merged_sub_batches_equal_each_rows_own_adapter():
+    """bench_multi_adapter's PEFT-style loop and K-merged-models rows compute every row with its own adapter."""
+    from bench_multi_adapter import groups_of, peft_loop_forward, sub_batches
+
+    cfg = GPTConfig(vocab=40, d_model=16, heads=2, layers=2, d_ff=32, max_len=8)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (5, cfg.max_len)), jnp.int32)
+    model = GPT(cfg)
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    params = random_like(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"], seed=0)
+    specs = [
+        lora_jax.LoraSpec(rank=2, alpha=4.0, targets=TARGETS, axes=lora_axes(cfg)),
+        lora_jax.LoraSpec(rank=3, alpha=1.0, targets=TARGETS, axes=lora_axes(cfg)),
+    ]
+    # every factor random (B != 0: the adapters matter), filled with NumPy (no compile of a random init)
+    adapters = [
+        random_like(jax.eval_shape(lambda s=s: lora_jax.init_lora(jax.random.key(0), params, s)), k + 1)
+        for k, s in enumerate(specs)
+    ]
+    ids = np.array([1, -1, 0, 1, 0])
+    groups = groups_of(ids)
+    assert [(g, r.tolist()) for g, r in groups] == [(0, [2, 4]), (1, [0, 3])]
+    rows = [jnp.asarray(r) for _, r in groups]
+    los = [adapters[g] for g, _ in groups]
+    peft = jax.jit(peft_loop_forward, static_argnums=4)(params, los, rows, tokens, cfg)
+    merged_params = [lora_jax.apply_lora(params, lo) for lo in los]
+    merged = jax.jit(lambda ps, r, t: sub_batches(apply, ps, r, t))(merged_params, rows, tokens)
+    for j, i in enumerate(ids):
+        want = apply(params if i < 0 else lora_jax.apply_lora(params, adapters[i]), tokens[j : j + 1])[0]
+        np.testing.assert_allclose(peft[j], want, rtol=1e-5, atol=1e-5)
+        if i >= 0:  # sub_batches leaves rows of no group at zero
+            np.testing.assert_allclose(merged[j], want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(peft[0] - peft[2]))) > 1e-2  # the two adapters give visibly different logits
+
+
+def test_multi_adapter_benchmark_prints_every_row_and_the_target():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_multi_adapter.py")]
+    cmd += ["--layers", "1", "--d-model", "16", "--heads", "2", "--seq", "8", "--vocab", "32", "--batch", "16"]
+    cmd += ["--adapters", "16", "--steps", "1", "--warmup", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    for row in ("one adapter, whole batch", "base alone"):
+        assert f"| {row}" in out, out
+    for k in (16,):
+        for kind in ("mixed_batch", "PEFT's loop (per layer)", "sub-batch per adapter (factored)", "K merged models"):
+            assert f"| {kind}, K={k} |" in out, out
+        assert re.search(rf"^\| {k} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
+    diffs = [float(m) for m in re.findall(r"\| ([\d.]+e[-+]\d+) \|$", out, re.M)]
+    assert len(diffs) == 4 and max(diffs) < 1e-4, out  # every way of running the batch gives the same logits
+    assert re.search(
+        r"^- 16 distinct adapters, mixed_batch / one adapter: [\d.]+ \(target >= 0.7\) (PASS|MISS)$", out, re.M
+    )
