@@ -25,7 +25,7 @@ from lora_jax.adapters._init import _carries_shardings, _copy_trainable, _init_o
 from lora_jax.adapters._loftq import loftq_kernel, quantization_options
 from lora_jax.adapters._lowered import compute_dtype
 from lora_jax.adapters._nodes import LoraWeights
-from lora_jax.adapters._svd_init import kernel_matrix, olora_factors, pissa_factors, to_layout
+from lora_jax.adapters._svd_init import kernel_matrix, lora_node, olora_factors, pissa_factors
 from lora_jax.adapters._tree import adapter_items
 from lora_jax.errors._checks import check_key, check_params, check_spec
 from lora_jax.errors._messages import expected
@@ -76,17 +76,7 @@ def _kernel(k: jax.Array, w: jax.Array, t: Target, spec: LoraSpec, quant: dict |
         lora_a, lora_b = olora_factors(m, t.rank)
     else:
         lora_a, lora_b = pissa_factors(m, t.rank, t.scale, niter=pissa_niter(spec.init), key=k)
-    a, b = to_layout(lora_a, lora_b, t.layout, t.shape)
-    frozen = ("a",) if spec.freeze_a else ()
-    node = LoraWeights(
-        a=a.astype(spec.dtype),
-        b=b.astype(spec.dtype),
-        scale=t.scale,
-        layout=t.layout,
-        kind=t.kind,
-        dropout=spec.dropout,
-        frozen=frozen,
-    )
+    node = lora_node(lora_a, lora_b, t, spec)
     return node.remove_from(w), node
 
 

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters._lowered import compute_dtype
-from lora_jax.adapters._nodes import LoraWeights
-from lora_jax.adapters._svd_init import kernel_matrix, pissa_factors, to_layout
+from lora_jax.adapters._svd_init import kernel_matrix, lora_node, pissa_factors
 from lora_jax.errors._messages import expected
 from lora_jax.quant._node import QuantizedKernel
 from lora_jax.spec._spec import LoraSpec, loftq_iters
@@ -89,21 +88,10 @@ def loftq_kernel(w: jax.Array, t: Target, spec: LoraSpec, options: dict[str, Any
     dtype = compute_dtype(w.dtype)
     target = jnp.asarray(w).astype(dtype)
     fitted = jnp.zeros_like(target)  # s·A·B in the kernel's layout: none before the first iteration
-    node = None
-    q = None
+    q = node = None
     for _ in range(loftq_iters(spec.init)):
         q = _quantized(target - fitted, t.layout, jnp.dtype(w.dtype).name, options)
         missed = target - q.dequantize(dtype)
-        lora_a, lora_b = pissa_factors(kernel_matrix(missed, t.layout), t.rank, t.scale)
-        a, b = to_layout(lora_a, lora_b, t.layout, t.shape)
-        node = LoraWeights(
-            a=a.astype(spec.dtype),
-            b=b.astype(spec.dtype),
-            scale=t.scale,
-            layout=t.layout,
-            kind=t.kind,
-            dropout=spec.dropout,
-            frozen=("a",) if spec.freeze_a else (),
-        )
+        node = lora_node(*pissa_factors(kernel_matrix(missed, t.layout), t.rank, t.scale), t, spec)
         fitted = node.delta().astype(dtype)
     return q, node

@@ -19,6 +19,8 @@ which :func:`to_layout` turns into lora_jax's ``A (*batch, *in, r)`` and
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,25 @@ def to_layout(lora_a: jax.Array, lora_b: jax.Array, layout: str, shape: tuple[in
     """PEFT's ``lora_A (*batch, r, in)`` and ``lora_B (*batch, out, r)`` as lora_jax's A and B for ``shape``."""
     r = lora_a.shape[-2]
     return _t(lora_a).reshape(_layout.a_shape(layout, shape, r)), _t(lora_b).reshape(_layout.b_shape(layout, shape, r))
+
+
+def lora_node(lora_a: jax.Array, lora_b: jax.Array, t: Any, spec: Any) -> Any:
+    """The adapter node of PEFT-layout factors (``lora_A (*batch, r, in)``, ``lora_B (*batch, out, r)``) for target ``t``.
+
+    Stored in ``spec.dtype``, with the target's scale, layout and kind, the spec's dropout and LoRA-FA choice.
+    """
+    from lora_jax.adapters._nodes import LoraWeights
+
+    a, b = to_layout(lora_a, lora_b, t.layout, t.shape)
+    return LoraWeights(
+        a=a.astype(spec.dtype),
+        b=b.astype(spec.dtype),
+        scale=t.scale,
+        layout=t.layout,
+        kind=t.kind,
+        dropout=spec.dropout,
+        frozen=("a",) if spec.freeze_a else (),
+    )
 
 
 def svd_lowrank(m: jax.Array, q: int, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
