@@ -169,6 +169,37 @@ def _host_float(x: Any, where: str) -> np.ndarray:
     return to_host(x)
 
 
+def _key_mapped(lora: Any, spec: LoraSpec, key_mapping: Any, name_map: NameMap, conv: Any) -> dict | None:
+    """``{path: HfTarget}`` of every node under ``key_mapping`` (None without one)."""
+    if key_mapping is None:
+        return None
+    if name_map is not None:
+        raise ValueError(
+            "export_peft: pass name_map= or key_mapping=, not both (key_mapping gives every module's name)."
+        )
+    from lora_jax.io._key_mapping import resolve
+
+    kernels, low = {}, lowered_items(lora)
+    for p, node in adapter_items(lora).items():
+        if type(node) is Trainable:
+            shape = tuple(node.value.shape)
+            if len(shape) == 1:
+                layout = "o"
+            else:
+                layout = _first(spec.axes, p, "io" if len(shape) == 2 else None)
+                if layout is None:
+                    raise ValueError(
+                        f"{p}: a leaf trained in full of shape {shape} needs its layout in LoraSpec(axes=...) to "
+                        f"be exported through key_mapping."
+                    )
+            kernels[p] = (shape, layout, None)
+        elif type(node) in (LoraWeights, DoraWeights):
+            if _is_conv(conv, p, node.layout):
+                raise ValueError(f"{p}: export_peft(key_mapping=...) writes Linear and Embedding modules, not convs.")
+            kernels[p] = (low[p].kernel_shape, node.layout, node.kind)
+    return resolve(key_mapping, kernels)
+
+
 def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -186,6 +217,7 @@ def export_peft(
     overwrite: bool = False,
     initial: Any = None,
     allocation: Any = None,
+    key_mapping: Any = None,
 ) -> pathlib.Path | epath.Path:
     """Write an adapter in Hugging Face PEFT's format (``PeftModel.from_pretrained`` loads it).
 
@@ -260,6 +292,14 @@ def export_peft(
         from the file and the kept ones listed in ``rank_pattern``, as PEFT's
         ``save_pretrained`` writes them; None writes every triplet and no
         ``rank_pattern`` (see :mod:`lora_jax.io._peft_adalora`).
+      key_mapping: instead of ``name_map``, the model family's own Hugging
+        Face key mapping ``{hf_key_regex: (jax_key, (permute, reshape))}``,
+        e.g. tunix's ``llama3.params._get_key_and_transform_mapping(config)``
+        (see :mod:`lora_jax.io._key_mapping`): each adapted kernel's torch
+        module name comes from it, and A and B (and DoRA's ``m``) are put in
+        the torch weight's element order by inverting its permute and reshape,
+        so the adapter loads on the Hugging Face model the mapping converts
+        from. Plain LoRA and DoRA nodes and leaves trained in full.
 
     Returns:
       The path written: an absolute ``pathlib.Path`` when local, an
@@ -330,6 +370,7 @@ def export_peft(
             overwrite=overwrite,
         )
     _check_conv(conv)
+    hf = _key_mapped(lora, spec, key_mapping, name_map, conv)
     loftq = loftq_iters(spec.init) is not None
     if loftq and initial is not None:
         raise ValueError(
@@ -389,8 +430,12 @@ def export_peft(
                     f"fan_in_fan_out=True says the torch modules are Conv1D (in, out); which one this module is "
                     f"is unknown. Export it without fan_in_fan_out, or leave it out of LoraSpec(trainable=...)."
                 )
-            name = module_name(name_map, p)
-            key, value = _trainable_tensor(p, _host_float(node.value, f"export_peft(lora=...) at {p}"), spec, conv)
+            value = _host_float(node.value, f"export_peft(lora=...) at {p}")
+            if hf is not None:
+                name, key, value = hf[p].module, "weight", hf[p].weight(value)
+            else:
+                name = module_name(name_map, p)
+                key, value = _trainable_tensor(p, value, spec, conv)
             claim(f"{name}.{key}", p)
             tensors[f"{PREFIX}{name}.{key}"] = value
             if name not in saved_modules:
@@ -407,7 +452,12 @@ def export_peft(
             )
             a, b = concatenated(a, b, a0, b0, nb)
         rank = a.shape[-1]
-        names = expand(module_name(name_map, p), p, layout, a.shape[:nb])
+        if hf is not None:  # the torch weight's element order, one 2-D module
+            a, b = hf[p].factors(a, b)
+            mag = None if mag is None else hf[p].outputs(mag)
+            layout, names = "io", {(): hf[p].module}
+        else:
+            names = expand(module_name(name_map, p), p, layout, a.shape[:nb])
         is_conv = _is_conv(conv, p, layout)
         # alpha from the static scale; 12 significant digits undo float rounding (7/sqrt(2)*sqrt(2) -> 7)
         alpha = float(f"{node.scale * (math.sqrt(rank) if spec.rslora else rank):.12g}")
