@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.targets import _layout
 from lora_jax.errors._messages import expected
+from lora_jax.targets import _layout
 
 _WHERE = "export_peft(key_mapping=...)"
 _HINT = (
@@ -79,8 +79,13 @@ class HfTarget:
 def _check_mapping(key_mapping: Any) -> dict[str, tuple[str, Any]]:
     if callable(key_mapping) and not isinstance(key_mapping, Mapping):
         raise TypeError(
-            expected(_WHERE, "the mapping dict itself", "a function (call it with the model's config first)", _HINT,
-                     found_is_text=True)  # fmt: skip
+            expected(
+                _WHERE,
+                "the mapping dict itself",
+                "a function (call it with the model's config first)",
+                _HINT,
+                found_is_text=True,
+            )
         )
     if not isinstance(key_mapping, Mapping) or not key_mapping:
         raise TypeError(expected(_WHERE, "a non-empty dict {hf_key_regex: (jax_key, transform)}", key_mapping, _HINT))
@@ -88,9 +93,7 @@ def _check_mapping(key_mapping: Any) -> dict[str, tuple[str, Any]]:
     for hf, value in key_mapping.items():
         ok = isinstance(hf, str) and isinstance(value, Sequence) and len(value) == 2 and isinstance(value[0], str)
         if not ok:
-            raise TypeError(
-                expected(f"{_WHERE} at {hf!r}", "a value (jax_key, transform or None)", value, _HINT)
-            )
+            raise TypeError(expected(f"{_WHERE} at {hf!r}", "a value (jax_key, transform or None)", value, _HINT))
         out[hf] = (value[0], value[1])
     return out
 
@@ -156,7 +159,7 @@ def _fill(pattern: str, groups: dict[int, str]) -> str:
                 group += inner.count("(") - inner.count("(?")
                 out.append(_fill(inner, {}))
             elif pattern.startswith("(?", i):
-                raise _CannotFill(f"the group {pattern[i:end + 1]!r} in {pattern!r}")
+                raise _CannotFill(f"the group {pattern[i : end + 1]!r} in {pattern!r}")
             else:
                 group += 1
                 if group not in groups:
@@ -211,8 +214,7 @@ def _hf_key(path: str, mapping: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
         )
     if len(found) > 1:
         raise ValueError(
-            f"{path}: {_WHERE} has {len(found)} entries for this kernel ({', '.join(f[2] for f in found)}); "
-            f"keep one."
+            f"{path}: {_WHERE} has {len(found)} entries for this kernel ({', '.join(f[2] for f in found)}); keep one."
         )
     return found[0][0], found[0][1]
 
