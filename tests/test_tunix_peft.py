@@ -208,3 +208,37 @@ def test_key_mapping_bad_input(hf_dir, tmp_path):
     with pytest.raises(ValueError, match="q_proj/w: expected a transform that keeps the kernel's input axes"):
         lora_jax.export_peft(tmp_path / "y", bad_lora, bad_spec, key_mapping=mapping)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written on any error
+
+
+def test_import_a_peft_adapter_trained_on_the_hf_model(hf_dir, tmp_path):
+    """The other way: PEFT's adapter for the torch Llama (and a head trained in full) read for tunix's Llama3."""
+    cfg = config()
+    torch.manual_seed(1)
+    peft_cfg = peft.LoraConfig(
+        r=3, lora_alpha=5.0, target_modules=TARGETS, init_lora_weights=False, modules_to_save=["lm_head"]
+    )
+    torch_model = peft.get_peft_model(fresh_hf(hf_dir), peft_cfg).eval()
+    with torch.no_grad():  # the saved head differs from the base's, so reading it back is checked too
+        torch_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    torch_model.save_pretrained(tmp_path / "from_peft")
+    b = batch(6)
+    ref = torch_logits(torch_model, b)
+
+    model = llama_params.create_model_from_safe_tensors(str(hf_dir), cfg)
+    params = nnx.state(model, nnx.Param)
+    mapping = llama_params._get_key_and_transform_mapping(cfg)
+    lora, spec = lora_jax.import_peft(tmp_path / "from_peft", params, key_mapping=mapping, axes=AXES)
+    assert spec.rank == 3 and len(lora_jax.adapter_items(lora)) == 7 * LAYERS + 1  # + lm_head trained in full
+    ours, _ = lora_jax.nnx.with_lora(model, lora)(b["input_tokens"], b["positions"], None, b["attention_mask"])
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5, rtol=0)
+
+    # and back: exporting what was imported gives PEFT's tensors exactly
+    out = lora_jax.export_peft(tmp_path / "again", lora, spec, key_mapping=mapping)
+    theirs, again = (
+        load_file(tmp_path / "from_peft" / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    renamed = {k.replace(".modules_to_save.default", ""): v for k, v in theirs.items()}
+    assert sorted(renamed) == sorted(again)
+    for k, v in renamed.items():
+        np.testing.assert_array_equal(again[k], v, err_msg=k)

@@ -170,6 +170,7 @@ def import_peft(
     *,
     name_map: NameMap = None,
     axes: Any = None,
+    key_mapping: Any = None,
 ) -> tuple[dict[str, Any], LoraSpec]:
     """Read a PEFT LoRA adapter into ``(lora, spec)`` for these params.
 
@@ -195,6 +196,11 @@ def import_peft(
       axes: kernel layouts ``{pattern: layout}`` for kernels with more than
         two axes, as ``LoraSpec(axes=...)`` (2-D kernels are ``"io"``; a 4-D
         kernel whose ``lora_A`` is 4-D is a Conv2D ``"iiio"``).
+      key_mapping: instead of ``name_map``, the model family's Hugging Face
+        key mapping, as for :func:`export_peft`: each kernel's torch module
+        comes from it and A, B (and DoRA's ``m``) are read back from the torch
+        weight's element order (an adapter trained with PEFT on the Hugging
+        Face model, for the JAX model the mapping loads it into).
 
     Returns:
       ``(lora, spec)``: the adapter tree and a :class:`LoraSpec` that selects
@@ -226,6 +232,11 @@ def import_peft(
     if is_vera(path):  # VeRA: its own format (lora_jax.io._peft_vera)
         return import_vera(path, params, name_map=name_map)
     config, tensors = read_peft(path)
+    if key_mapping is not None and (name_map is not None or params is None):
+        raise ValueError(
+            "import_peft(key_mapping=...) gives every module's name from the mapping: pass params (the JAX "
+            "model's, which the mapping loads into) and no name_map."
+        )
     if params is None:
         if name_map is not None or axes is not None:
             raise ValueError("import_peft(params=None) reads the kernels from the file; name_map and axes need params.")
@@ -262,12 +273,20 @@ def import_peft(
                 "the order is import_peft(path, params)",
             )
         )
+    mapped = None
+    if key_mapping is not None:  # {path: HfTarget}, and the names as a name_map
+        from lora_jax.io._key_mapping_import import from_torch_order, kernel_from_torch, mapped_targets
+
+        mapped = mapped_targets(key_mapping, flat, axes, lora_parts, full_parts)
+        name_map = {p: t.module for p, t in mapped.items()}
     out: dict[str, Any] = {}
     used: set[str] = set()
     ranks, alphas, layouts = {}, {}, {}
     for p, leaf in flat.items():
         shape = tuple(leaf.shape)
-        if p.rpartition("/")[2] not in _KERNEL_KEYS or len(shape) < 2:
+        if mapped is not None and p not in mapped:
+            continue
+        if (mapped is None and p.rpartition("/")[2] not in _KERNEL_KEYS) or len(shape) < 2:
             continue
         layout = _first(axes, p, None)
         if layout is None:
@@ -296,6 +315,8 @@ def import_peft(
         core = layout.replace("b", "")
         kshape = tuple(s for s, c in zip(shape, layout, strict=True) if c != "b")
         got = {idx: _from_peft(n, lora_parts[n], kshape, core, p) for idx, n in names.items()}
+        if mapped is not None:  # the torch weight's element order back to the kernel's
+            got = {idx: from_torch_order(mapped[p], *g) for idx, g in got.items()}
         rs = {g[0].shape[-1] for g in got.values()}
         al = set()
         for n, g in zip(names.values(), got.values(), strict=True):
@@ -354,7 +375,10 @@ def import_peft(
         tkey = "bias" if key == "bias" else "weight"
         if tkey not in full_parts[name]:
             continue
-        value = _full_value(p, tuple(leaf.shape), full_parts[name][tkey], axes)
+        if mapped is not None:
+            value = kernel_from_torch(mapped[p], full_parts[name][tkey], tuple(leaf.shape))
+        else:
+            value = _full_value(p, tuple(leaf.shape), full_parts[name][tkey], axes)
         out[p] = Trainable(jnp.asarray(value, dtype=leaf.dtype))
         full_used.add((name, tkey))
         trainable.append(p)
