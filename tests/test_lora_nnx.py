@@ -6,6 +6,7 @@ References are float64 NumPy closed forms of the tiny models below; training loo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import subprocess
@@ -454,6 +455,37 @@ def test_bad_method_strategy_and_dropout_rng_are_refused():
         lnnx.functional(model, strategy="fast")
     with pytest.raises(ValueError, match=r"dropout_rng: expected None when strategy is None"):
         lnnx.with_lora(model, lora)(data(0)[0], dropout_rng=rbg_key(0))
+
+
+class WithMutableConfig(nnx.Module):
+    """A module holding a mutable dataclass config (unhashable), as tunix's Qwen3 does."""
+
+    @dataclasses.dataclass
+    class Config:
+        width: int = 4
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.config = WithMutableConfig.Config()
+        self.dense = nnx.Linear(3, self.config.width, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x)
+
+
+@pytest.mark.parametrize("strategy", [None, "factored"])
+def test_a_module_with_an_unhashable_static_attribute_runs(strategy):
+    """Its graphdef cannot be hashed (the runner cache is skipped): with_lora, functional and jax.jit(forward) work."""
+    model = WithMutableConfig(nnx.Rngs(0))
+    with pytest.raises(TypeError):
+        hash(nnx.graphdef(model))  # the case this test is about
+    spec = lora_jax.LoraSpec(rank=2, init="random")
+    lora = random_lora(model, spec)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+    want = lnnx.apply_lora(model, lora)(x)
+    np.testing.assert_allclose(lnnx.with_lora(model, lora, strategy=strategy)(x), want, atol=1e-6)
+    forward, params, rest = lnnx.functional(model, strategy=strategy)
+    out, _ = jax.jit(forward)(params, lora, rest, x)
+    np.testing.assert_allclose(out, want, atol=1e-6)
 
 
 # ----- the module's surface -------------------------------------------------------------------------------------

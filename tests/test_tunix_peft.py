@@ -12,6 +12,7 @@ the tunix version is pinned in pyproject's ``tunix`` extra.
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,39 @@ def test_import_a_peft_adapter_trained_on_the_hf_model(hf_dir, tmp_path):
     assert sorted(renamed) == sorted(again)
     for k, v in renamed.items():
         np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_qwen3_through_its_own_key_mapping(tmp_path):
+    """Another family, its own mapping: a random HF Qwen3 (q/k norms, GQA) loaded by tunix, exported, PEFT equal."""
+    with warnings.catch_warnings():  # tunix's qwen3 imports jax.experimental.shard_map (deprecated in jax 0.8)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from tunix.models.qwen3 import model as qwen
+        from tunix.models.qwen3 import params as qwen_params
+    hf_cfg = transformers.Qwen3Config(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV, head_dim=HD, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    transformers.Qwen3ForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf_qwen3", safe_serialization=True)
+    cfg = qwen.ModelConfig(
+        num_layers=LAYERS, vocab_size=V, embed_dim=D, hidden_dim=F, num_heads=HEADS, head_dim=HD, num_kv_heads=KV,
+        rope_theta=1_000_000, norm_eps=1e-6,
+    )  # fmt: skip
+    model = qwen_params.create_model_from_safe_tensors(str(tmp_path / "hf_qwen3"), cfg)
+    spec = lora_jax.LoraSpec(rank=2, alpha=4.0, targets=TARGETS, axes=AXES)
+    lora = lora_jax.nnx.init_lora(jax.random.key(7), model, spec)
+    keys = iter(jax.random.split(jax.random.key(8), 64))
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), lora)
+    out = lora_jax.export_peft(
+        tmp_path / "peft", lora, spec, key_mapping=qwen_params._get_key_and_transform_mapping(cfg)
+    )
+    b = batch(9)
+    ours, _ = lora_jax.nnx.with_lora(model, lora, strategy="factored")(
+        b["input_tokens"], b["positions"], None, b["attention_mask"]
+    )
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf_qwen3", torch_dtype=torch.float32).eval()
+    base = torch_logits(hf, b)
+    ref = torch_logits(peft.PeftModel.from_pretrained(hf, out).eval(), b)
+    assert np.abs(ref - base).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5, rtol=0)

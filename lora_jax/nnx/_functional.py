@@ -13,7 +13,7 @@ from lora_jax.nnx._state import check_module, split_params
 from lora_jax.transforms._apply import apply_lora
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jax.jit(forward) works on any graph
 class Forward:
     """A module's method as a pure function: ``forward(params, lora, rest, *args) -> (out, new_rest)``.
 

@@ -53,13 +53,28 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
-@functools.lru_cache(maxsize=64)
 def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
     """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``.
 
     Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
-    so its compiled program (a wrapper made per call would compile at every call).
+    so its compiled program (a wrapper made per call would compile at every call). A graph that cannot be hashed
+    (a module holding an unhashable static attribute, such as tunix's Qwen3 with its mutable ``ModelConfig``
+    dataclass) is not cached: it runs the same, and eager calls retrace (inside ``jit`` nothing changes).
     """
+    try:
+        hash(graphdef)
+    except TypeError:
+        return _build(graphdef, method, strategy)
+    return _cached(graphdef, method, strategy)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+    return _build(graphdef, method, strategy)
+
+
+def _build(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+    """The runner itself (see :func:`run_method`)."""
     if strategy is None:
 
         def run(params: Any, lora: Any, rest: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
