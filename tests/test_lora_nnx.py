@@ -499,7 +499,9 @@ def test_public_name_has_an_example_and_args_match_its_signature(name):
     doc = inspect.getdoc(obj) or ""
     assert ">>>" in doc or name == "Functional", name
     if inspect.isfunction(obj):
-        args = [line.strip().split(":")[0] for line in doc.split("Args:\n")[1].split("\n\n")[0].splitlines()]
+        args = [
+            line.strip().split(":")[0].lstrip("*") for line in doc.split("Args:\n")[1].split("\n\n")[0].splitlines()
+        ]
         listed = [a for a in args if a.isidentifier()]
         assert listed == list(inspect.signature(obj).parameters), (name, listed)
 
@@ -509,3 +511,24 @@ def test_import_lora_jax_does_not_load_flax():
         "import sys, lora_jax; assert 'flax' not in sys.modules; import lora_jax.nnx; assert 'flax.nnx' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_infer_axes_on_a_module_gives_each_einsum_its_layout():
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.q = nnx.Einsum("btd,dhk->bthk", (6, 2, 3), rngs=rngs)
+            self.o = nnx.Einsum("bthk,hkd->btd", (2, 3, 6), rngs=rngs)
+            self.fc = nnx.Linear(6, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.o(self.q(x)))
+
+    model = Attn(nnx.Rngs(0))
+    before = arrays(nnx.state(model))
+    axes = lnnx.infer_axes(model, jax.ShapeDtypeStruct((1, 4, 6), jnp.float32))
+    assert axes == {"q/kernel": "ioo", "o/kernel": "iio", "fc/kernel": "io"}
+    assert_bit_equal(before, arrays(nnx.state(model)))  # nothing computed on, or written to, the module
+    lora = lnnx.init_lora(rbg_key(0), model, lora_jax.LoraSpec(rank=2, axes=axes, init="random"))
+    assert lora["o"]["kernel"].a.shape == (2, 3, 2) and lora["o"]["kernel"].b.shape == (2, 6)
+    with pytest.raises(ValueError, match=r"lora_jax.nnx.infer_axes\(module, \*example_args\)"):
+        lnnx.init_lora(rbg_key(0), model, lora_jax.LoraSpec(rank=2))

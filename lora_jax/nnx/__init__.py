@@ -22,3 +22,4 @@ from lora_jax.nnx._call import with_lora as with_lora
 from lora_jax.nnx._functional import Forward as Forward
 from lora_jax.nnx._functional import Functional as Functional
 from lora_jax.nnx._functional import functional as functional
+from lora_jax.nnx._infer import infer_axes as infer_axes

@@ -51,7 +51,8 @@ def init_lora(key: jax.Array, module: nnx.Module, spec: LoraSpec) -> dict[str, A
     except ValueError as e:
         raise ValueError(
             f"lora_jax.nnx.init_lora(module={type(module).__name__}): {e} Only nnx.Param variables are "
-            f"searched; {REST} are never adapted."
+            f"searched; {REST} are never adapted. For a module, the layouts come from one abstract call: "
+            f"LoraSpec(axes=lora_jax.nnx.infer_axes(module, *example_args))."
         ) from None
 
 
