@@ -98,33 +98,37 @@ def nll(logits: jax.Array, tokens: jax.Array, input_mask: jax.Array) -> jax.Arra
     return -jnp.sum(picked * mask) / (jnp.sum(mask) + 1e-8)
 
 
-def reference_training(model, lora, batches, tx, strategy="factored"):
-    """The plain JAX loop: ``(trained lora, losses)``; gradients and optimizer state over the trainable part only."""
+def reference_training(model, lora, batches, tx, strategy="factored", dropout_rngs=None):
+    """The plain JAX loop: ``(trained lora, losses)``; gradients and optimizer state over the trainable part only.
+
+    ``dropout_rngs``: an ``nnx.Rngs`` whose ``dropout()`` keys, one per step, are the LoRA dropout keys.
+    """
     forward, params, rest = lnnx.functional(model, strategy=strategy)
     trainable, frozen = lora_jax.split(lora)
 
-    def loss(tr, rest, batch):
+    def loss(tr, rest, batch, key):
         logits, rest = forward(
             params, lora_jax.combine(tr, frozen), rest, batch["input_tokens"], batch["positions"], None,
-            batch["attention_mask"],
+            batch["attention_mask"], dropout_rng=key,
         )  # fmt: skip
         return nll(logits[0], batch["input_tokens"], batch["input_mask"]), rest
 
     @jax.jit
-    def step(tr, opt_state, rest, batch):
-        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(tr, rest, batch)
+    def step(tr, opt_state, rest, batch, key):
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(tr, rest, batch, key)
         updates, opt_state = tx.update(grads, opt_state, tr)
         return optax.apply_updates(tr, updates), opt_state, rest, value
 
     opt_state, losses = tx.init(trainable), []
     for batch in batches:
-        trainable, opt_state, rest, value = step(trainable, opt_state, rest, batch)
+        key = None if dropout_rngs is None else dropout_rngs.dropout()
+        trainable, opt_state, rest, value = step(trainable, opt_state, rest, batch, key)
         losses.append(float(value))
     return lora_jax.combine(trainable, frozen), np.asarray(losses)
 
 
-def train_with_tunix(model, lora, batches, tx, *, checkpoint_dir=None, strategy="factored"):
-    lm = lnnx.LoraModel(model, lora, strategy=strategy)
+def train_with_tunix(model, lora, batches, tx, *, checkpoint_dir=None, strategy="factored", rngs=None):
+    lm = lnnx.LoraModel(model, lora, strategy=strategy, rngs=rngs)
     config = peft_trainer.TrainingConfig(
         eval_every_n_steps=10_000, max_steps=len(batches), checkpoint_root_directory=checkpoint_dir,
         pbar_description=None,
@@ -215,6 +219,27 @@ def test_lora_fa_keeps_a_frozen():
         assert np.abs(np.asarray(node.b)).max() > 0, path  # B trained (from zero)
 
 
+def test_lora_dropout_draws_from_the_models_rngs():
+    """With ``rngs=``, tunix's plain ``model(...)`` calls train with LoRA dropout, one key per step."""
+    model = tiny_llama()
+    lora = lnnx.init_lora(jax.random.key(1), model, spec_for(model, dropout=0.5))
+    batches, tx = dataset(4), optax.adam(LR)
+    expected_lora, expected_losses = reference_training(model, lora, batches, tx, dropout_rngs=nnx.Rngs(dropout=3))
+    no_dropout = jax.tree.map(
+        lambda n: dataclasses.replace(n, dropout=0.0), lora, is_leaf=lambda n: isinstance(n, lora_jax.LoraWeights)
+    )
+    _, plain_losses = reference_training(model, no_dropout, batches, tx)
+    lm, _, losses = train_with_tunix(model, lora, batches, tx, rngs=nnx.Rngs(dropout=3))
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    assert not np.allclose(losses[1:], plain_losses[1:], rtol=1e-3)  # the dropout was applied
+    assert_trees_close(lm.lora, expected_lora)
+    assert int(lm.rngs.dropout.count[...]) == len(batches)
+    tokens = jnp.asarray(batches[0]["input_tokens"])
+    lm.eval()  # deterministic: no dropout, the adapted model itself
+    np.testing.assert_allclose(call(lm, tokens), call(lnnx.apply_lora(model, lm.lora), tokens), rtol=1e-4, atol=1e-5)
+    assert int(lm.rngs.dropout.count[...]) == len(batches)
+
+
 def test_vera_shared_projections_stay_frozen():
     model = tiny_llama()
     spec = dataclasses.replace(spec_for(model), targets=r".*/(gate_proj|up_proj|down_proj)/.*", vera=True)
@@ -273,6 +298,44 @@ def test_kv_cache_call_writes_back_like_the_base():
     assert int(new_cache["layer_0"]["end_index"][0]) == t
 
 
+class CountingTokenizer:
+    """What tunix's TokenizerAdapter asks of a tokenizer: encode, decode and the special ids.
+
+    (``return_logits=True`` is left out below: tunix 0.1.7's Llama3 ``num_embed`` is its width, not its vocabulary,
+    so the sampler's logits buffer has the wrong shape for the plain model too.)
+    """
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return [3 + ord(c) % (VOCAB - 3) for c in text]
+
+    def decode(self, ids: list[int], **kwargs) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def bos_id(self) -> int:
+        return 1
+
+    def eos_id(self) -> int:
+        return 2
+
+    def pad_id(self) -> int:
+        return 0
+
+
+def test_tunix_sampler_samples_the_adapted_model():
+    from tunix.generate import sampler as sampler_lib
+
+    model = tiny_llama()
+    lora = lnnx.init_lora(jax.random.key(1), model, spec_for(model, init="random"))
+    cache = sampler_lib.CacheConfig(cache_size=16, num_layers=2, num_kv_heads=2, head_dim=8)
+    outs = [
+        sampler_lib.Sampler(m, CountingTokenizer(), cache)(["abc", "hello"], max_generation_steps=4)
+        for m in (lnnx.LoraModel(model, lora), lnnx.apply_lora(model, lora), model)
+    ]
+    for got, want in zip(outs[0].tokens, outs[1].tokens, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(outs[0].tokens, outs[2].tokens, strict=True))
+
+
 class HasLoraParam(nnx.Module):
     def __init__(self):
         self.dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
@@ -305,3 +368,8 @@ def test_bad_inputs_raise_clear_errors():
         lnnx.LoraModel(linear, lora, strategy="fast")
     with pytest.raises(AttributeError, match=r"method"):
         lnnx.LoraModel(linear, lora, method="decode")
+    with pytest.raises(TypeError, match=r"LoraModel\(rngs=...\): expected None or an nnx.Rngs"):
+        lnnx.LoraModel(linear, lora, rngs=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"LoraModel\(rngs=...\): expected None when strategy is None"):
+        lnnx.LoraModel(linear, lora, strategy=None, rngs=nnx.Rngs(0))
+    assert not hasattr(lnnx.LoraModel(linear, lora), "num_embed")  # read through only where the base has it

@@ -30,6 +30,10 @@ class LoraFrozen(nnx.Variable):
     """
 
 
+#: The base's attributes a LoraModel reads through (what tunix's ``Sampler`` asks of the model it samples).
+FORWARDED = ("config", "num_embed", "init_cache", "get_attention_mask")
+
+
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -85,6 +89,23 @@ def _refuse_lora_params(where: str, module: nnx.Module) -> None:
             )
 
 
+def _check_rngs(where: str, rngs: Any, strategy: str | None) -> None:
+    if rngs is None:
+        return
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(expected(f"{where}(rngs=...)", "None or an nnx.Rngs", rngs, "pass e.g. nnx.Rngs(dropout=0)"))
+    if strategy is None:
+        raise ValueError(
+            expected(
+                f"{where}(rngs=...)",
+                "None when strategy is None (apply_lora applies no LoRA dropout)",
+                "an nnx.Rngs",
+                "pass strategy='factored' to train with LoRA dropout",
+                found_is_text=True,
+            )
+        )
+
+
 class LoraModel(nnx.Module):
     """A base module with lora_jax adapters, trainable as flax's LoRA: ``nnx.LoRAParam`` variables.
 
@@ -105,11 +126,21 @@ class LoraModel(nnx.Module):
         that strategy (LoRA dropout with the call's ``dropout_rng=`` keyword); ``None``: the adapted weights
         formed once per call, as :func:`apply_lora`.
       method: the name of the base's method a call runs.
+      rngs: an ``nnx.Rngs`` for LoRA dropout (``LoraSpec(dropout=...)``): a call given no ``dropout_rng``
+        draws one from its ``dropout`` stream (its count advances inside ``nnx.jit``, as ``nnx.Dropout``'s
+        does), so trainers that just call ``model(...)`` train with dropout; ``model.eval()`` (which sets
+        ``deterministic=True``) turns it off, ``model.train()`` back on. ``None`` (default): LoRA dropout only
+        with ``dropout_rng=``.
+
+    The base's ``config``, ``num_embed``, ``init_cache`` and ``get_attention_mask``, where it has them, are read
+    through (:data:`FORWARDED`), so tunix's ``Sampler(LoraModel(...), tokenizer, cache_config)`` samples the
+    adapted model.
 
     Raises:
       TypeError: ``module`` is not an ``nnx.Module``, or ``lora`` is not an adapter tree.
       ValueError: an adapter path is not one of the base's Params or its shape differs (a lora made for
-        another module); the base already holds ``nnx.LoRAParam`` variables; a bad strategy.
+        another module); the base already holds ``nnx.LoRAParam`` variables; a bad strategy, or ``rngs`` with
+        ``strategy=None`` (which applies no LoRA dropout).
       AttributeError: the base has no method ``method``.
 
     Example:
@@ -129,12 +160,19 @@ class LoraModel(nnx.Module):
     """
 
     def __init__(
-        self, module: nnx.Module, lora: Any, *, strategy: str | None = "factored", method: str = "__call__"
+        self,
+        module: nnx.Module,
+        lora: Any,
+        *,
+        strategy: str | None = "factored",
+        method: str = "__call__",
+        rngs: nnx.Rngs | None = None,
     ) -> None:
         where = "lora_jax.nnx.LoraModel"
         check_module(where, module)
         check_method(where, module, method)
         check_strategy(where, strategy)
+        _check_rngs(where, rngs, strategy)
         _refuse_lora_params(where, module)
         _, params, rest = split_params(module)
         check_fits(where, module, params, rest, lora)
@@ -146,6 +184,13 @@ class LoraModel(nnx.Module):
         self.trainable = _nest(t_names, [nnx.LoRAParam(x) for x in t_leaves])
         self.frozen = _nest(f_names, [LoraFrozen(x) for x in f_leaves])
         self.strategy, self.method = strategy, method
+        self.rngs, self.deterministic = rngs, False
+
+    def __getattr__(self, name: str) -> Any:
+        base = vars(self).get("base")
+        if name in FORWARDED and base is not None:
+            return getattr(base, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def lora(self) -> dict[str, Any]:
@@ -156,8 +201,11 @@ class LoraModel(nnx.Module):
 
     def __call__(self, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """The base's method with the adapters; ``dropout_rng`` (LoRA dropout) only with a strategy."""
+        deterministic = self.rngs is not None and self.deterministic  # model.eval(): no LoRA dropout
+        if dropout_rng is None and self.rngs is not None and not deterministic:
+            dropout_rng = self.rngs.dropout()
         graphdef, params, rest = split_params(self.base)
-        out, new_rest = run_method(graphdef, self.method, self.strategy)(
+        out, new_rest = run_method(graphdef, self.method, self.strategy, deterministic and self.strategy is not None)(
             params, self.lora, rest, *args, dropout_rng=dropout_rng, **kwargs
         )
         nnx.update(self.base, new_rest)

@@ -54,11 +54,14 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
 
 
 @functools.lru_cache(maxsize=64)
-def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+def run_method(
+    graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool = False
+) -> Callable[..., tuple[Any, Any]]:
     """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``.
 
-    Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
-    so its compiled program (a wrapper made per call would compile at every call).
+    Cached per (graph, method, strategy, deterministic): repeated eager calls reuse one :func:`lora_jax.factored`
+    wrapper and so its compiled program (a wrapper made per call would compile at every call).
+    ``deterministic``: no LoRA dropout (``factored(..., deterministic=True)``; apply_lora never applies it).
     """
     if strategy is None:
 
@@ -76,7 +79,9 @@ def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Cal
             return _call(graphdef, method, apply_lora(params, lora), rest, args, kwargs)
 
         return run
-    inner = factored(lambda p, rest, *a, **k: _call(graphdef, method, p, rest, a, k), strategy=strategy)
+    inner = factored(
+        lambda p, rest, *a, **k: _call(graphdef, method, p, rest, a, k), strategy=strategy, deterministic=deterministic
+    )
 
     def run_factored(params: Any, lora: Any, rest: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs):
         return inner(params, lora, rest, *args, dropout_rng=dropout_rng, **kwargs)
