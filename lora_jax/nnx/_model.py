@@ -128,9 +128,9 @@ class LoraModel(nnx.Module):
       method: the name of the base's method a call runs.
       rngs: an ``nnx.Rngs`` for LoRA dropout (``LoraSpec(dropout=...)``): a call given no ``dropout_rng``
         draws one from its ``dropout`` stream (its count advances inside ``nnx.jit``, as ``nnx.Dropout``'s
-        does), so trainers that just call ``model(...)`` train with dropout; ``model.eval()`` (which sets
-        ``deterministic=True``) turns it off, ``model.train()`` back on. ``None`` (default): LoRA dropout only
-        with ``dropout_rng=``.
+        does), so trainers that just call ``model(...)`` train with dropout. ``None`` (default): LoRA dropout
+        only with ``dropout_rng=``. Either way ``model.eval()`` (``deterministic=True``) turns LoRA dropout
+        off and ``model.train()`` back on.
 
     The base's ``config``, ``num_embed``, ``init_cache`` and ``get_attention_mask``, where it has them, are read
     through (:data:`FORWARDED`), so tunix's ``Sampler(LoraModel(...), tokenizer, cache_config)`` samples the
@@ -201,11 +201,11 @@ class LoraModel(nnx.Module):
 
     def __call__(self, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         """The base's method with the adapters; ``dropout_rng`` (LoRA dropout) only with a strategy."""
-        deterministic = self.rngs is not None and self.deterministic  # model.eval(): no LoRA dropout
-        if dropout_rng is None and self.rngs is not None and not deterministic:
+        if dropout_rng is None and self.rngs is not None and not self.deterministic:
             dropout_rng = self.rngs.dropout()
+        deterministic = self.deterministic and self.strategy is not None  # model.eval(): no LoRA dropout
         graphdef, params, rest = split_params(self.base)
-        out, new_rest = run_method(graphdef, self.method, self.strategy, deterministic and self.strategy is not None)(
+        out, new_rest = run_method(graphdef, self.method, self.strategy, deterministic)(
             params, self.lora, rest, *args, dropout_rng=dropout_rng, **kwargs
         )
         nnx.update(self.base, new_rest)
