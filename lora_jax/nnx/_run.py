@@ -53,27 +53,31 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
-def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+def run_method(
+    graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool = False
+) -> Callable[..., tuple[Any, Any]]:
     """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``.
 
-    Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
-    so its compiled program (a wrapper made per call would compile at every call). A graph that cannot be hashed
-    (a module holding an unhashable static attribute, such as tunix's Qwen3 with its mutable ``ModelConfig``
-    dataclass) is not cached: it runs the same, and eager calls retrace (inside ``jit`` nothing changes).
+    Cached per (graph, method, strategy, deterministic): repeated eager calls reuse one :func:`lora_jax.factored`
+    wrapper and so its compiled program (a wrapper made per call would compile at every call). A graph that cannot
+    be hashed (a module holding an unhashable static attribute, such as tunix's Qwen3 with its mutable
+    ``ModelConfig`` dataclass) is not cached: it runs the same, and eager calls retrace (inside ``jit`` nothing
+    changes). ``deterministic``: no LoRA dropout (``factored(..., deterministic=True)``; apply_lora never applies
+    it).
     """
     try:
         hash(graphdef)
     except TypeError:
-        return _build(graphdef, method, strategy)
-    return _cached(graphdef, method, strategy)
+        return _build(graphdef, method, strategy, deterministic)
+    return _cached(graphdef, method, strategy, deterministic)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
-    return _build(graphdef, method, strategy)
+def _cached(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Callable[..., Any]:
+    return _build(graphdef, method, strategy, deterministic)
 
 
-def _build(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+def _build(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Callable[..., Any]:
     """The runner itself (see :func:`run_method`)."""
     if strategy is None:
 
@@ -91,7 +95,9 @@ def _build(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callabl
             return _call(graphdef, method, apply_lora(params, lora), rest, args, kwargs)
 
         return run
-    inner = factored(lambda p, rest, *a, **k: _call(graphdef, method, p, rest, a, k), strategy=strategy)
+    inner = factored(
+        lambda p, rest, *a, **k: _call(graphdef, method, p, rest, a, k), strategy=strategy, deterministic=deterministic
+    )
 
     def run_factored(params: Any, lora: Any, rest: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs):
         return inner(params, lora, rest, *args, dropout_rng=dropout_rng, **kwargs)
