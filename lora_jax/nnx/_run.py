@@ -7,6 +7,7 @@ module outside is written to; what the method changed in the rest (rng counts, c
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -53,13 +54,39 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
-@functools.lru_cache(maxsize=64)
+_BY_IDENTITY: collections.OrderedDict = collections.OrderedDict()  # (id, method, strategy) -> (graphdef, run)
+
+
 def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
     """``(params, lora, rest, *args, dropout_rng=None, **kwargs) -> (out, new_rest)`` for ``graphdef.method``.
 
     Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
-    so its compiled program (a wrapper made per call would compile at every call).
+    so its compiled program (a wrapper made per call would compile at every call). A graph that cannot be hashed
+    (a module holding an unhashable static attribute, e.g. tunix's Gemma and its non-frozen ``ModelConfig``) is
+    cached by identity: the same ``GraphDef`` object (a :class:`Forward`'s) reuses its runner.
     """
+    try:
+        hash(graphdef)
+    except TypeError:
+        key = (id(graphdef), method, strategy)
+        hit = _BY_IDENTITY.get(key)
+        if hit is not None and hit[0] is graphdef:
+            _BY_IDENTITY.move_to_end(key)
+            return hit[1]
+        run = _make_runner(graphdef, method, strategy)
+        _BY_IDENTITY[key] = (graphdef, run)  # holds the graph, so its id is not reused while cached
+        while len(_BY_IDENTITY) > 64:
+            _BY_IDENTITY.popitem(last=False)
+        return run
+    return _cached_runner(graphdef, method, strategy)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+    return _make_runner(graphdef, method, strategy)
+
+
+def _make_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
     if strategy is None:
 
         def run(params: Any, lora: Any, rest: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
