@@ -32,6 +32,7 @@ from lora_jax.io._orbax_load import read_adapter_meta as read_adapter_meta
 from lora_jax.io._peft_adalora import AdaLoraAllocation as AdaLoraAllocation
 from lora_jax.io._peft_adalora import import_adalora_allocation as import_adalora_allocation
 from lora_jax.io._peft_export import export_peft as export_peft
+from lora_jax.io._key_mapping import fused_key_mapping as fused_key_mapping
 from lora_jax.io._peft_import import import_peft as import_peft
 from lora_jax.io._peft_names import default_name_map as default_name_map
 from lora_jax.io._qwix import from_qwix as from_qwix
