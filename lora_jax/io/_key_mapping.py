@@ -317,7 +317,7 @@ def _grids(shape: tuple[int, ...], transform: Any, where: str, component: bool) 
         raise ValueError(
             expected(
                 where,
-                f"a permute after the reshape of the {len(shape)} axes of {what[4:]} shape {shape}",
+                f"a permute after the reshape: of the {len(shape)} axes of {what} shape {shape}",
                 f"{post!r}",
                 "the third transform element is the loader's transpose of the reshaped weight",
                 found_is_text=True,
