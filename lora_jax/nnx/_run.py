@@ -7,7 +7,6 @@ module outside is written to; what the method changed in the rest (rng counts, c
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +53,7 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
-_BY_IDENTITY: collections.OrderedDict = collections.OrderedDict()  # (id, method, strategy) -> (graphdef, run)
+_UNHASHABLE: list = []  # ((method, strategy), (graphdef, runner)), the latest 64
 
 
 def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
@@ -63,22 +62,31 @@ def run_method(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Cal
     Cached per (graph, method, strategy): repeated eager calls reuse one :func:`lora_jax.factored` wrapper and
     so its compiled program (a wrapper made per call would compile at every call). A graph that cannot be hashed
     (a module holding an unhashable static attribute, e.g. tunix's Gemma and its non-frozen ``ModelConfig``) is
-    cached by identity: the same ``GraphDef`` object (a :class:`Forward`'s) reuses its runner.
+    cached in a short list searched by equality.
     """
     try:
         hash(graphdef)
     except TypeError:
-        key = (id(graphdef), method, strategy)
-        hit = _BY_IDENTITY.get(key)
-        if hit is not None and hit[0] is graphdef:
-            _BY_IDENTITY.move_to_end(key)
-            return hit[1]
-        run = _make_runner(graphdef, method, strategy)
-        _BY_IDENTITY[key] = (graphdef, run)  # holds the graph, so its id is not reused while cached
-        while len(_BY_IDENTITY) > 64:
-            _BY_IDENTITY.popitem(last=False)
-        return run
+        return _unhashable_runner(graphdef, method, strategy)
     return _cached_runner(graphdef, method, strategy)
+
+
+def _unhashable_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None) -> Callable[..., tuple[Any, Any]]:
+    """The runner of an unhashable graph: the cached one of the same or an equal graph, else a new one."""
+    for key, (cached, run) in _UNHASHABLE:
+        if key == (method, strategy) and (cached is graphdef or _equal(cached, graphdef)):
+            return run
+    run = _make_runner(graphdef, method, strategy)
+    _UNHASHABLE.append(((method, strategy), (graphdef, run)))
+    del _UNHASHABLE[:-64]
+    return run
+
+
+def _equal(a: nnx.GraphDef, b: nnx.GraphDef) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an attribute whose == is not a bool (an array)
+        return False
 
 
 @functools.lru_cache(maxsize=64)
