@@ -25,6 +25,7 @@ from lora_jax.adapters._vera import VeraWeights as VeraWeights
 from lora_jax.factored._interpreter import Factored as Factored
 from lora_jax.factored._interpreter import factored as factored
 from lora_jax.factored._lazy import FactoredError as FactoredError
+from lora_jax.io._key_mapping import fused_key_mapping as fused_key_mapping
 from lora_jax.io._orbax import adapter_checkpoint_args as adapter_checkpoint_args
 from lora_jax.io._orbax import save_adapter as save_adapter
 from lora_jax.io._orbax_load import load_adapter as load_adapter
@@ -32,7 +33,6 @@ from lora_jax.io._orbax_load import read_adapter_meta as read_adapter_meta
 from lora_jax.io._peft_adalora import AdaLoraAllocation as AdaLoraAllocation
 from lora_jax.io._peft_adalora import import_adalora_allocation as import_adalora_allocation
 from lora_jax.io._peft_export import export_peft as export_peft
-from lora_jax.io._key_mapping import fused_key_mapping as fused_key_mapping
 from lora_jax.io._peft_import import import_peft as import_peft
 from lora_jax.io._peft_names import default_name_map as default_name_map
 from lora_jax.io._qwix import from_qwix as from_qwix

@@ -503,7 +503,9 @@ def test_a_module_with_an_unhashable_attribute_runs_factored_and_reuses_its_runn
     x = jnp.arange(8.0).reshape(2, 4)
     ours = lnnx.with_lora(model, lora, strategy="factored")(x)
     k, node = model.proj.kernel[...], lora_jax.adapter_items(lora)["proj/kernel"]
-    want = np.asarray(x, np.float64) @ (np.asarray(k, np.float64) + node.scale * np.asarray(node.a) @ np.asarray(node.b))
+    want = np.asarray(x, np.float64) @ (
+        np.asarray(k, np.float64) + node.scale * np.asarray(node.a) @ np.asarray(node.b)
+    )
     np.testing.assert_allclose(ours, want + np.asarray(model.proj.bias[...]), rtol=1e-5, atol=1e-5)
     first, second = (nnx.split(model)[0] for _ in range(2))
     assert first is not second

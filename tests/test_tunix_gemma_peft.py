@@ -238,7 +238,9 @@ def test_fused_bad_input(tmp_path):
         export(key_mapping=plain)
     # components that do not cover the fused kernel
     only_k = lora_jax.fused_key_mapping(plain, {r"layers.\1.attn.kv_einsum.w": ([r"tmp.layers.\1.attn.k"], None)})
-    with pytest.raises(ValueError, match=r"kv_einsum/w: expected one entry per component \[0\]..\[1\] .* \(missing \[1\]\)"):
+    with pytest.raises(
+        ValueError, match=r"kv_einsum/w: expected one entry per component \[0\]..\[1\] .* \(missing \[1\]\)"
+    ):
         export(key_mapping=only_k)
     beyond = {**mapping, v_key: (r"layers.\1.attn.kv_einsum.w[2]", mapping[v_key][1])}
     with pytest.raises(ValueError, match=r"components \[0, 2\] \(missing \[1\]\) \(beyond the axis: \[2\]\)"):
@@ -247,7 +249,7 @@ def test_fused_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"kv_einsum/w: .* gives component \[0\] of this fused kernel twice"):
         export(key_mapping=twice)
     whole_and_part = {**mapping, v_key: (r"layers.\1.attn.kv_einsum.w", None)}
-    with pytest.raises(ValueError, match="2 entries for this kernel .* or give each its component"):
+    with pytest.raises(ValueError, match=r"2 entries for this kernel .* or give each its component"):
         export(key_mapping=whole_and_part)
     # a component split that mixes input and output axes: reshaped straight to (K, D, H), without the transpose
     mixed = {**mapping, v_key: (r"layers.\1.attn.kv_einsum.w[1]", ((1, 0), (KV, D, HD)))}

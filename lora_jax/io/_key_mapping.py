@@ -545,15 +545,15 @@ def fused_key_mapping(key_mapping: Any, fused: Mapping[str, tuple[Any, Any]]) ->
         at = f"{where}(fused=...) at {kernel!r}"
         ok = isinstance(kernel, str) and isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
         if not ok:
-            raise TypeError(expected(at, "a value (source jax key or [source jax keys], permute or None)", value, _HINT))
+            raise TypeError(
+                expected(at, "a value (source jax key or [source jax keys], permute or None)", value, _HINT)
+            )
         sources, permute = value
         single = isinstance(sources, str)
         sources = [sources] if single else list(sources)
         if not sources or not all(isinstance(x, str) for x in sources):
             raise TypeError(expected(at, "a source jax key or a non-empty list of them", value[0], _HINT))
-        if permute is not None and not (
-            isinstance(permute, Sequence) and sorted(permute) == list(range(len(permute)))
-        ):
+        if permute is not None and not (isinstance(permute, Sequence) and sorted(permute) == list(range(len(permute)))):
             raise ValueError(expected(at, "a permute (a tuple of the axes 0..n-1) or None", permute, _HINT))
         for c, source in enumerate(sources):
             if source in used:
