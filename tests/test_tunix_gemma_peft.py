@@ -221,6 +221,30 @@ def test_qkv_einsum_three_components(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kv", [KV, HEADS])
+def test_fused_targets_invert_tunix_preprocess(kv):
+    """Each component's torch weight read back from the kernel that tunix's own transform + preprocess builds."""
+    from lora_jax.io._key_mapping import resolve
+
+    cfg = config(kv)
+    rng = np.random.default_rng(kv)
+    shapes = {"q": (HEADS * HD, D), "k": (kv * HD, D), "v": (kv * HD, D)}
+    weights = {m: rng.standard_normal(shape).astype(np.float32) for m, shape in shapes.items()}
+    tmp = {}
+    for m, w in weights.items():  # the loader: the mapping's permute and reshape, then the preprocess
+        _, (permute, reshape) = gemma_params._get_key_and_transform_mapping(cfg)[
+            rf"model\.layers\.([0-9]+)\.self_attn\.{m}_proj\.weight"
+        ]
+        tmp[f"tmp.layers.0.attn.{m}"] = jnp.asarray(w.transpose(permute).reshape(reshape))
+    kernels = {k.replace(".", "/"): np.asarray(v) for k, v in gemma_params._make_preprocess_fn(cfg)(tmp).items()}
+    layouts = {"q_einsum": "oio", "kv_einsum": "boio", "qkv_einsum": "boio"}
+    found = resolve(fused_mapping(cfg), {p: (v.shape, layouts[p.split("/")[-2]], None) for p, v in kernels.items()})
+    read = {t.module.rpartition(".")[2][0]: t.weight(kernels[p]) for p, ts in found.items() for t in ts}
+    assert sorted(read) == ["k", "q", "v"]
+    for m, w in weights.items():
+        np.testing.assert_array_equal(read[m], w, err_msg=m)
+
+
 def test_fused_bad_input(tmp_path):
     cfg = config()
     model = nnx.eval_shape(lambda: gemma.Gemma(cfg, rngs=nnx.Rngs(0)))
