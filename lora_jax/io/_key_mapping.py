@@ -246,8 +246,8 @@ def _hf_keys(path: str, mapping: dict[str, tuple[str, Any]]) -> list[tuple[str, 
             f"{path}: {_WHERE} has {len(found)} entries for this kernel ({', '.join(f[3] for f in found)}); keep one"
             f"{', or give each its component of the fused kernel ([0], [1], ...)' if set(components) != {None} else ''}."
         )
-    twice = sorted({c for c in components if components.count(c) > 1}, key=str)
-    if twice and twice != [None]:
+    twice = sorted({c for c in components if components.count(c) > 1})  # None is at most once here
+    if twice:
         entries = ", ".join(f[3] for f in found if f[2] == twice[0])
         raise ValueError(f"{path}: {_WHERE} gives component [{twice[0]}] of this fused kernel twice ({entries}).")
     return sorted(found, key=lambda f: -1 if f[2] is None else f[2])
