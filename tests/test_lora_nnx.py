@@ -532,3 +532,36 @@ def test_infer_axes_on_a_module_gives_each_einsum_its_layout():
     assert lora["o"]["kernel"].a.shape == (2, 3, 2) and lora["o"]["kernel"].b.shape == (2, 6)
     with pytest.raises(ValueError, match=r"lora_jax.nnx.infer_axes\(module, \*example_args\)"):
         lnnx.init_lora(rbg_key(0), model, lora_jax.LoraSpec(rank=2))
+
+
+def test_a_module_with_an_unhashable_attribute_runs_factored_and_reuses_its_runner():
+    """tunix's Gemma holds its config, a non-frozen dataclass (unhashable): its graph cannot key a plain cache."""
+    import dataclasses
+
+    from lora_jax.nnx._run import run_method
+
+    @dataclasses.dataclass
+    class Config:  # eq without frozen: __hash__ is None
+        width: int
+
+    class Model(nnx.Module):
+        def __init__(self, config: Config, rngs: nnx.Rngs):
+            self.config = config
+            self.proj = nnx.Linear(4, config.width, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(x)
+
+    model = Model(Config(3), nnx.Rngs(0))
+    lora = lnnx.init_lora(rbg_key(1), model, lora_jax.LoraSpec(rank=2))
+    lora = jax.tree.map(lambda a: a + 0.5, lora)
+    x = jnp.arange(8.0).reshape(2, 4)
+    ours = lnnx.with_lora(model, lora, strategy="factored")(x)
+    k, node = model.proj.kernel[...], lora_jax.adapter_items(lora)["proj/kernel"]
+    want = np.asarray(x, np.float64) @ (
+        np.asarray(k, np.float64) + node.scale * np.asarray(node.a) @ np.asarray(node.b)
+    )
+    np.testing.assert_allclose(ours, want + np.asarray(model.proj.bias[...]), rtol=1e-5, atol=1e-5)
+    first, second = (nnx.split(model)[0] for _ in range(2))
+    assert first is not second
+    assert run_method(first, "__call__", "factored") is run_method(second, "__call__", "factored")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.io._key_mapping import HfTarget, _check_mapping, _hf_key, _template_regex, resolve
+from lora_jax.io._key_mapping import HfTarget, _check_mapping, _hf_keys, _split_component, _template_regex, resolve
 from lora_jax.io._peft_names import EMBED_A
 from lora_jax.targets._select import _first
 
@@ -26,19 +26,28 @@ def mapped_targets(
         not in the mapping), or the mapping cannot be inverted for it (see :func:`resolve`).
     """
     mapping = _check_mapping(key_mapping)
-    templates = [_template_regex(t) for t, _ in mapping.values()]
+    templates = [_template_regex(_split_component(t)[0]) for t, _ in mapping.values()]
     out = {}
     for p, leaf in flat.items():
         shape = tuple(leaf.shape)
         dotted = p.replace("/", ".")
         if not any(t.fullmatch(dotted) for t in templates):
             continue  # the mapping does not load this parameter from the checkpoint
-        key, _ = _hf_key(p, mapping)
-        module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module not in lora_parts and module not in full_parts:
+        entries = _hf_keys(p, mapping)
+        modules = [key[: -len(".weight")] for key, *_ in entries if key.endswith(".weight")]
+        present = [m for m in modules if m in lora_parts or m in full_parts]
+        if not present:
             continue
+        if len(entries) > 1:  # a fused kernel: one torch module per component
+            raise ValueError(
+                f"{p}: the PEFT adapter adapts {', '.join(present)}, components of this fused kernel {shape}; "
+                f"import_peft(key_mapping=...) reads one torch module per kernel, and combining per-component "
+                f"modules into one fused adapter is not supported. Read it without the fused entries (name_map=) "
+                f"or adapt the components as separate kernels."
+            )
+        module = present[0]
         if len(shape) == 1:
-            out[p] = resolve(mapping, {p: (shape, "o", None)})[p]
+            (out[p],) = resolve(mapping, {p: (shape, "o", None)})[p]
             continue
         layout = _first(axes, p, "io" if len(shape) == 2 else None)
         if layout is None:
@@ -47,7 +56,7 @@ def mapped_targets(
                 f"are inputs is not in the key mapping. Pass its layout, e.g. import_peft(..., axes={{{p!r}: 'ioo'}})."
             )
         kind = ("embed" if EMBED_A in lora_parts[module] else "linear") if module in lora_parts else None
-        out[p] = resolve(mapping, {p: (shape, layout, kind)})[p]
+        (out[p],) = resolve(mapping, {p: (shape, layout, kind)})[p]
     return out
 
 

@@ -170,7 +170,7 @@ def _host_float(x: Any, where: str) -> np.ndarray:
 
 
 def _key_mapped(lora: Any, spec: LoraSpec, key_mapping: Any, name_map: NameMap, conv: Any) -> dict | None:
-    """``{path: HfTarget}`` of every node under ``key_mapping`` (None without one)."""
+    """``{path: (HfTarget, ...)}`` of every node under ``key_mapping`` (None without one)."""
     if key_mapping is None:
         return None
     if name_map is not None:
@@ -299,7 +299,16 @@ def export_peft(
         module name comes from it, and A and B (and DoRA's ``m``) are put in
         the torch weight's element order by inverting its permute and reshape,
         so the adapter loads on the Hugging Face model the mapping converts
-        from. Plain LoRA and DoRA nodes and leaves trained in full.
+        from. Plain LoRA and DoRA nodes and leaves trained in full. A kernel
+        the loader fuses from several torch weights (tunix Gemma's
+        ``kv_einsum.w`` from ``k_proj`` and ``v_proj``) exports to each of
+        them through entries for its components (``jax_key[c]``, made by
+        :func:`lora_jax.fused_key_mapping`): with the component axis stacked
+        (layout ``"b..."``, one adapter per component) each module gets its
+        component's A and B; with it an output axis (``"o..."``, one shared
+        adapter, qwix's) the shared A and B's slice; with it an input axis
+        (``"i..."``) A's slice and the shared B. Either way the torch modules
+        compute exactly the adapted fused kernel.
 
     Returns:
       The path written: an absolute ``pathlib.Path`` when local, an
@@ -431,15 +440,16 @@ def export_peft(
                     f"is unknown. Export it without fan_in_fan_out, or leave it out of LoraSpec(trainable=...)."
                 )
             value = _host_float(node.value, f"export_peft(lora=...) at {p}")
-            if hf is not None:
-                name, key, value = hf[p].module, "weight", hf[p].weight(value)
+            if hf is not None:  # a fused kernel: one torch weight per component
+                full = [(t.module, "weight", t.weight(value)) for t in hf[p]]
             else:
                 name = module_name(name_map, p)
-                key, value = _trainable_tensor(p, value, spec, conv)
-            claim(f"{name}.{key}", p)
-            tensors[f"{PREFIX}{name}.{key}"] = value
-            if name not in saved_modules:
-                saved_modules.append(name)
+                full = [(name, *_trainable_tensor(p, value, spec, conv))]
+            for name, key, value in full:
+                claim(f"{name}.{key}", p)
+                tensors[f"{PREFIX}{name}.{key}"] = value
+                if name not in saved_modules:
+                    saved_modules.append(name)
             continue
         layout = node.layout
         nb = layout.count("b")
@@ -452,22 +462,22 @@ def export_peft(
             )
             a, b = concatenated(a, b, a0, b0, nb)
         rank = a.shape[-1]
-        if hf is not None:  # the torch weight's element order, one 2-D module
-            a, b = hf[p].factors(a, b)
-            mag = None if mag is None else hf[p].outputs(mag)
-            layout, names = "io", {(): hf[p].module}
+        if hf is not None:  # the torch weight's element order: one 2-D module, or one per fused component
+            modules = [(t.module, *t.factors(a, b), None if mag is None else t.outputs(mag)) for t in hf[p]]
+            layout = "io"
         else:
             names = expand(module_name(name_map, p), p, layout, a.shape[:nb])
+            modules = [(n, a[i], b[i], None if mag is None else mag[i]) for i, n in names.items()]
         is_conv = _is_conv(conv, p, layout)
         # alpha from the static scale; 12 significant digits undo float rounding (7/sqrt(2)*sqrt(2) -> 7)
         alpha = float(f"{node.scale * (math.sqrt(rank) if spec.rslora else rank):.12g}")
-        for idx, name in names.items():
+        for name, ai, bi, mi in modules:
             claim(name, p)
-            la, lb = _lora_tensors(a[idx], b[idx], layout.replace("b", ""), is_conv)
+            la, lb = _lora_tensors(ai, bi, layout.replace("b", ""), is_conv)
             ka, kb = (EMBED_A, EMBED_B) if node.kind == "embed" else (LORA_A, LORA_B)
             tensors[f"{PREFIX}{name}.{ka}"], tensors[f"{PREFIX}{name}.{kb}"] = la, lb
-            if mag is not None:  # (out,), or (1, out, 1, ...) for a conv (PEFT's DoRA conv layer)
-                mi = mag[idx].reshape(-1)
+            if mi is not None:  # (out,), or (1, out, 1, ...) for a conv (PEFT's DoRA conv layer)
+                mi = mi.reshape(-1)
                 shape = (1, -1, *([1] * (a.ndim - nb - 2))) if is_conv else (-1,)
                 tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(mi.reshape(shape))
             ranks[name], alphas[name] = rank, alpha

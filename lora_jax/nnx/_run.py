@@ -53,6 +53,9 @@ def _call(graphdef: nnx.GraphDef, method: str, params: Any, rest: Any, args: tup
     return out, nnx.state(module, nnx.Not(nnx.Param))
 
 
+_UNHASHABLE: list = []  # ((method, strategy, deterministic), (graphdef, runner)), the latest 64
+
+
 def run_method(
     graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool = False
 ) -> Callable[..., tuple[Any, Any]]:
@@ -60,24 +63,42 @@ def run_method(
 
     Cached per (graph, method, strategy, deterministic): repeated eager calls reuse one :func:`lora_jax.factored`
     wrapper and so its compiled program (a wrapper made per call would compile at every call). A graph that cannot
-    be hashed (a module holding an unhashable static attribute, such as tunix's Qwen3 with its mutable
-    ``ModelConfig`` dataclass) is not cached: it runs the same, and eager calls retrace (inside ``jit`` nothing
-    changes). ``deterministic``: no LoRA dropout (``factored(..., deterministic=True)``; apply_lora never applies
-    it).
+    be hashed (a module holding an unhashable static attribute, e.g. tunix's Gemma and Qwen3 with their non-frozen
+    ``ModelConfig``) is cached in a short list searched by equality. ``deterministic``: no LoRA dropout
+    (``factored(..., deterministic=True)``; apply_lora never applies it).
     """
     try:
         hash(graphdef)
     except TypeError:
-        return _build(graphdef, method, strategy, deterministic)
-    return _cached(graphdef, method, strategy, deterministic)
+        return _unhashable_runner(graphdef, method, strategy, deterministic)
+    return _cached_runner(graphdef, method, strategy, deterministic)
+
+
+def _unhashable_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Any:
+    """The runner of an unhashable graph: the cached one of the same or an equal graph, else a new one."""
+    key = (method, strategy, deterministic)
+    for cached_key, (cached, run) in _UNHASHABLE:
+        if cached_key == key and (cached is graphdef or _equal(cached, graphdef)):
+            return run
+    run = _make_runner(graphdef, method, strategy, deterministic)
+    _UNHASHABLE.append((key, (graphdef, run)))
+    del _UNHASHABLE[:-64]
+    return run
+
+
+def _equal(a: nnx.GraphDef, b: nnx.GraphDef) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an attribute whose == is not a bool (an array)
+        return False
 
 
 @functools.lru_cache(maxsize=64)
-def _cached(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Callable[..., Any]:
-    return _build(graphdef, method, strategy, deterministic)
+def _cached_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Any:
+    return _make_runner(graphdef, method, strategy, deterministic)
 
 
-def _build(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Callable[..., Any]:
+def _make_runner(graphdef: nnx.GraphDef, method: str, strategy: str | None, deterministic: bool) -> Any:
     """The runner itself (see :func:`run_method`)."""
     if strategy is None:
 
