@@ -123,9 +123,9 @@ def dora_use(
         return z, (x, w, a, b, g, bias, t, None if recompute else xw)
 
     def bwd(res, dz):
-        if recompute:  # ties the recomputation to dz: XLA cannot hoist it into (and merge it with) the forward
-            res, dz = jax.lax.optimization_barrier((res, dz))
         x, w, a, b, g, bias, t, xw = res
+        if recompute:  # ties the recomputation to dz: XLA cannot hoist it into (and merge it with) the forward
+            x, t, dz = jax.lax.optimization_barrier((x, t, dz))  # not W: the barrier would be kernel-sized
         u = (base_fn(x, w) if recompute else xw) + branch(t, a, b)
         dg = jax.vjp(lambda g_: scale_fn(u, g_), g)[1](dz)[0]
         du = scale_fn(dz, g)
