@@ -68,12 +68,12 @@ from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _quantized as quantized
 from lora_jax.factored import _rules as rules
 from lora_jax.factored import _strategy as strategies
+from lora_jax.factored._dora import DoraPending, saves_input
 from lora_jax.factored._eager import Program
 from lora_jax.factored._eager import join_args as _join_args
 from lora_jax.factored._eager import split_args as _split_args
 from lora_jax.factored._lazy import FactoredError, LazyKernel
 from lora_jax.factored._quantized import DeferredBase
-from lora_jax.factored._dora import DoraPending, saves_input
 from lora_jax.quant._node import QuantizedKernel
 from lora_jax.targets._paths import path_str
 from lora_jax.transforms._apply import apply_lora
