@@ -494,12 +494,15 @@ def factored(
         ``explain`` reports dense uses as ``"dot_general (dense)"``. No strategy
         computes a weight gradient.
       dora_recompute: for DoRA kernels, recompute the unscaled output
-        ``x·W + s·(x·A)·B`` in the backward pass (what the gradient of ``m``
-        needs) instead of keeping it, one activation per DoRA use: one more
-        base product per use for peak memory near LoRA's. The default,
-        ``False``, keeps it: faster, more memory (measured in the README's
-        DoRA section: 1.05x LoRA's peak at 1.33x its step time, against
-        1.15x at 1.02x).
+        ``x·W + s·(x·A)·B`` (what the gradient of ``m`` needs) in the backward
+        pass at every DoRA use: one more base product per use. The default,
+        ``False``, decides per ``dot_general`` use
+        (:mod:`lora_jax.factored._dora`): it keeps the base product ``x·W``
+        where the layer's consumer keeps its output anyway (an activation
+        function) or where recomputing it costs more than it saves
+        (fan-in > fan-out), and recomputes it elsewhere; measured in the
+        README's DoRA section (about 1.01x LoRA's peak at 1.1x its FLOPs,
+        against 1.05x at 1.32x for ``True``).
       deterministic: evaluate without LoRA dropout. Each adapter records its
         dropout rate (``LoraSpec(dropout=...)``, PEFT's ``lora_dropout``); when
         some rate is above zero, a call must get ``dropout_rng`` (training:

@@ -276,6 +276,8 @@ def _dora_use(
     """DoRA's use: ``g∘(x·W + s·(x·A)·B)``; with LoRA dropout PEFT's
     ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``, computed as ``(x·W - x̃·W) + g∘(x̃·W + s·(x̃·A)·B)``.
 
+    Used for ``conv_general_dilated``, for a ``dot_general`` with dropout, on a quantized base or with
+    ``recompute``; a plain ``dot_general`` use runs as one custom_vjp instead (:func:`_dora_pending`).
     The gradient of ``m`` needs the unscaled output ``u = x̃·W + s·(x̃·A)·B`` (``dm = Σ dy∘u / n``). With
     ``recompute`` the scaled sum runs under ``jax.checkpoint``: the backward pass recomputes ``u`` from ``x̃`` (one
     more base product) instead of keeping an activation-sized ``u`` per DoRA use, which keeps peak memory at
