@@ -180,7 +180,7 @@ def factored_product(
     result; kernel axes of kind ``"n"`` that appear only in ``out`` are
     broadcast at the end.
     """
-    first, second = factor_stages(
+    first, second, _ = factor_stages(
         x.shape, x.dtype, xs, lk, ks, out, precision=precision, preferred_element_type=preferred_element_type
     )
     return second(first(x, lk.a, lk.b), lk.a, lk.b)
@@ -196,8 +196,12 @@ def factor_stages(
     *,
     precision: Any = None,
     preferred_element_type: Any = None,
-) -> tuple[Callable, Callable]:
-    """:func:`factored_product`'s two einsums as ``first(x, a, b) -> t`` and ``second(t, a, b) -> y``."""
+) -> tuple[Callable, Callable, Callable | None]:
+    """:func:`factored_product`'s two einsums as ``first(x, a, b) -> t`` and ``second(t, a, b) -> y``.
+
+    The third is ``second`` as an elementwise sum of rank-1 terms (``None`` where ``second`` sums more than
+    the rank axis): XLA fuses it into each consumer instead of keeping a materialized product.
+    """
     sa, sb = lk.letters(ks)
     sizes = {**dict(zip(xs, x_shape, strict=True)), **dict(zip(sa, lk.a.shape, strict=True))}
     sizes.update(zip(sb, lk.b.shape, strict=True))
@@ -232,6 +236,8 @@ def factor_stages(
         """``second`` as a sum of rank-1 terms (elementwise: XLA fuses it into consumers, keeping only ``t``)."""
         qv = (b if a_first else a).astype(dtype)
         qv = (qv * jnp.asarray(scale, qv.dtype)).astype(t.dtype)
+        acc = jnp.float32 if jnp.finfo(t.dtype).bits < 32 else t.dtype  # summed in float32 at least
+        t, qv = t.astype(acc), qv.astype(acc)
         r = RANK_LETTER
         tl, ql = ts.replace(r, ""), qs.replace(r, "")
 
@@ -250,10 +256,8 @@ def factor_stages(
             y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in out))
         return y
 
-    contracted = (set(ts) | set(qs)) - set(known)
-    second_ew.ok = contracted == {RANK_LETTER} and set(ts) - {RANK_LETTER} <= set(known)  # type: ignore[attr-defined]
-    second.ew = second_ew  # type: ignore[attr-defined]
-    return first, second
+    elementwise = (set(ts) | set(qs)) - set(known) == {RANK_LETTER}  # only the rank axis is summed
+    return first, second, (second_ew if elementwise else None)
 
 
 def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str, g: jax.Array | None = None) -> jax.Array:
@@ -307,8 +311,8 @@ def _dora_pending(
     """A DoRA ``dot_general`` use as one custom_vjp (:mod:`lora_jax.factored._dora`), run when its consumer is known."""
     xs, ks = "".join(xl), "".join(kl)
     kw = {"precision": params.get("precision"), "preferred_element_type": params.get("preferred_element_type")}
-    first, second = factor_stages(x.shape, x.dtype, xs, lk, ks, out, **kw)
-    ew = second.ew if second.ew.ok and lk.a.shape[-1] <= _dora.EW_MAX_RANK else None  # type: ignore[attr-defined]
+    first, second, ew = factor_stages(x.shape, x.dtype, xs, lk, ks, out, **kw)
+    ew = ew if lk.a.shape[-1] <= _dora.EW_MAX_RANK else None
 
     def base_fn(x_: jax.Array, w_: jax.Array) -> jax.Array:
         return lax.dot_general_p.bind(*((x_, w_) if kernel_rhs else (w_, x_)), **params)
