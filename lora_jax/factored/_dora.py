@@ -39,7 +39,14 @@ _BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_c
 
 
 def saves_input(eqn: Any, var: Any, depth: int = 0) -> bool:
-    """Whether ``eqn``'s JVP keeps its operand ``var`` (an elementwise nonlinearity, a product of two activations)."""
+    """Whether ``eqn``'s JVP keeps its operand ``var`` (an elementwise nonlinearity, a product of two activations).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> jaxpr = jax.make_jaxpr(lambda y: (jnp.tanh(y), 2.0 * y))(jnp.ones(3)).jaxpr
+      >>> [saves_input(e, jaxpr.invars[0]) for e in jaxpr.eqns]
+      [True, False]
+    """
     name = eqn.primitive.name
     if name in _NONLINEAR:
         return True
@@ -82,7 +89,12 @@ class DoraPending:
 
 
 def mode_for(saved_by_consumer: bool, cheap: bool) -> str:
-    """``"base"`` where keeping ``x·W`` is free (the consumer keeps ``z``) or recomputing it is dear, else ``"recompute"``."""
+    """``"base"`` where keeping ``x·W`` is free (the consumer keeps ``z``) or recomputing it is dear, else ``"recompute"``.
+
+    Example:
+      >>> mode_for(saved_by_consumer=True, cheap=True), mode_for(False, True), mode_for(False, False)
+      ('base', 'recompute', 'base')
+    """
     return "recompute" if cheap and not saved_by_consumer else "base"
 
 
