@@ -4,8 +4,8 @@ Rows (training steps, adam, the trained state donated, interleaved round-robin a
 ``bench_factored.py``, whose ``Row``, timing and fill helpers this reuses): factored LoRA,
 DoRA materialized (``apply_lora``: ``(m / n)·(W + s·A·B)`` formed per kernel), DoRA
 factored (``lora_jax.factored``: ``n`` from ``‖W‖²``, ``Wᵀ·A`` and ``(Aᵀ·A, B)``, never
-``W + s·A·B``; the unscaled output kept for ``dm``, the default) and DoRA factored with
-``dora_recompute=True`` (the unscaled output recomputed in the backward pass). Targets (issue #13): factored DoRA <= 1.15x factored LoRA step time
+``W + s·A·B``; per use ``x·W`` kept for ``dm`` or recomputed, the default) and DoRA factored
+with ``dora_recompute=True`` (the unscaled output recomputed at every use). Targets (issue #13): factored DoRA <= 1.15x factored LoRA step time
 (median of the per-round ratio) and <= 1.05x its peak memory.
 
     python benchmarks/bench_dora.py                                   # 4 x d512, 1024 tokens
@@ -33,7 +33,7 @@ import lora_jax
 from lora_jax.models.gpt import GPT, GPTConfig, cross_entropy, lora_axes
 
 LORA, DORA_MAT, DORA_FAC = "factored LoRA", "DoRA materialized (apply_lora)", "DoRA factored (lora_jax.factored)"
-DORA_RECOMPUTE = "DoRA factored, dora_recompute=True (u recomputed)"
+DORA_RECOMPUTE = "DoRA factored, dora_recompute=True (u recomputed at every use)"
 
 
 def build_rows(cfg: GPTConfig, rank: int, batch: int, seed: int = 0) -> list[Row]:

@@ -287,22 +287,57 @@ def test_factored_never_forms_the_kernel_nor_a_kernel_sized_gradient():
     assert {name for name, _ in fac_hits} <= {"stop_gradient"}, fac_hits
 
 
+def _saved(fn, params, lora, x, **kw):
+    """The residuals the vjp of ``sum(factored(fn)(params, lora, x))`` keeps (as float64 arrays)."""
+    loss = lambda lo: jnp.sum(factored(fn, **kw)(params, lo, x))  # noqa: E731
+    return [f64(r) for r in jax.tree.leaves(jax.jit(lambda lo: jax.vjp(loss, lo)[1])(lora))]
+
+
 @pytest.mark.parametrize("name", ["dense", "dense_general_ioo", "conv_iiio"])
 def test_dora_recompute_keeps_no_unscaled_output_for_the_gradient_of_m(name):
-    """dm = Σ dy∘u / n needs u = x·W + s·(x·A)·B: kept by autodiff, or recomputed in the backward pass."""
+    """dm = Σ dy∘u / n needs u = x·W + s·(x·A)·B: with dora_recompute=True it is recomputed in the backward pass."""
     fn, params, lora, x = _model_case(name)
     x = jnp.concatenate([x, x, x])  # a batch of 3x: no factor has the output's size
     out = jax.eval_shape(fn, params, x).shape
-
-    def saved(recompute):
-        loss = lambda lo: jnp.sum(factored(fn, dora_recompute=recompute)(params, lo, x))  # noqa: E731
-        leaves = jax.tree.leaves(jax.jit(lambda lo: jax.vjp(loss, lo)[1])(lora))
-        return [tuple(r.shape) for r in leaves if r.size == int(np.prod(out))]
-
-    assert saved(False), "autodiff keeps the unscaled output for dm"
-    assert not saved(True), saved(True)
+    assert not [r.shape for r in _saved(fn, params, lora, x, dora_recompute=True) if r.size == math.prod(out)]
     with pytest.raises(TypeError, match=r"factored\(dora_recompute=...\): expected True or False"):
         factored(fn, dora_recompute="yes")
+
+
+class _DenseThen(nn.Module):
+    features: int
+    act: bool
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(self.features, name="dense")(x)
+        return jnp.tanh(y) if self.act else y
+
+
+@pytest.mark.parametrize(
+    ("fan_in", "fan_out", "act", "keeps"),
+    [
+        (5, 7, False, False),  # linear consumer, recomputing x·W is cheap (fan_in <= fan_out): recomputed
+        (7, 5, False, True),  # recomputing would cost more than fan_out MACs per element kept: x·W kept
+        (5, 7, True, True),  # tanh keeps its input anyway: x·W is the one buffer XLA keeps for both
+    ],
+)
+def test_dora_default_keeps_the_base_product_only_where_the_rule_says(fan_in, fan_out, act, keeps):
+    """Per use, the default keeps x·W (never s·(x·A)·B, never u) or recomputes it in the backward pass."""
+    model = _DenseThen(fan_out, act)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(9, fan_in)), jnp.float32)
+    params = random_like(jax.eval_shape(model.init, jax.random.key(0), x)["params"], seed=1, std=1.0)
+    lora = random_dora(params, LoraSpec(rank=2, alpha=4.0, targets=["kernel"], dora=True))
+    fn = lambda p, x_: model.apply({"params": p}, x_)  # noqa: E731
+    node, w = lora["dense"]["kernel"], f64(params["dense"]["kernel"])
+    xw = f64(x) @ w
+    u = xw + node.scale * (f64(x) @ f64(node.a)) @ f64(node.b)
+    saved = [r for r in _saved(fn, params, lora, x) if r.shape == xw.shape]
+    assert any(np.allclose(r, xw, rtol=1e-5, atol=1e-5) for r in saved) == keeps, [r[0, :3] for r in saved]
+    assert not any(np.allclose(r, u, rtol=1e-5, atol=1e-5) for r in saved)  # u is formed from x·W in the backward
+    assert not any(np.allclose(r, u - xw, rtol=1e-5, atol=1e-5) for r in saved)  # the branch is not kept
+    recomputed = [r for r in _saved(fn, params, lora, x, dora_recompute=True) if r.shape == xw.shape]
+    assert not [r for r in recomputed if np.allclose(r, xw, rtol=1e-5, atol=1e-5)]
 
 
 def test_dense_strategy_refuses_dora_and_auto_runs_it_factored():

@@ -68,6 +68,7 @@ from lora_jax.factored import _lazy as lz
 from lora_jax.factored import _quantized as quantized
 from lora_jax.factored import _rules as rules
 from lora_jax.factored import _strategy as strategies
+from lora_jax.factored._dora import DoraPending, saves_input
 from lora_jax.factored._eager import Program
 from lora_jax.factored._eager import join_args as _join_args
 from lora_jax.factored._eager import split_args as _split_args
@@ -77,6 +78,7 @@ from lora_jax.quant._node import QuantizedKernel
 from lora_jax.targets._paths import path_str
 from lora_jax.transforms._apply import apply_lora
 
+_PENDING = (rules.Pending, DoraPending)
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _CUSTOM_RULE = {"custom_jvp_call": "jax.custom_jvp", "custom_vjp_call": "jax.custom_vjp"}
 
@@ -160,14 +162,17 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
+    uses: dict | None = None
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
-        if any(isinstance(x, rules.Pending) for x in invals):
+        if any(isinstance(x, _PENDING) for x in invals):
             added = _add_to_pending(eqn.primitive, invals)
             if added is not None:
                 env[eqn.outvars[0]] = added
                 continue
-            invals = [x.resolve() if isinstance(x, rules.Pending) else x for x in invals]
+            if uses is None:
+                uses = _uses(jaxpr)
+            invals = [_resolve(x, v, uses) for x, v in zip(invals, eqn.invars, strict=True)]
         with eqn.ctx.manager:
             if any(isinstance(x, (LazyKernel, DeferredBase)) for x in invals):
                 outs = _lazy_eqn(eqn.primitive, invals, dict(eqn.params), ctx)
@@ -177,17 +182,39 @@ def _eval(jaxpr: Any, consts: Iterable[Any], args: Iterable[Any], ctx: _Context)
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     outs = [_read(env, v) for v in jaxpr.outvars]
-    return [x.resolve() if isinstance(x, rules.Pending) else x for x in outs]  # lazy kernels pass through
+    return [x.resolve() if isinstance(x, _PENDING) else x for x in outs]  # lazy kernels pass through
+
+
+def _uses(jaxpr: Any) -> dict:
+    """Each variable's consuming equations (``None`` for a jaxpr output: its consumer is unknown here)."""
+    uses: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                uses.setdefault(v, []).append(eqn)
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            uses.setdefault(v, []).append(None)
+    return uses
+
+
+def _resolve(x: Any, v: Any, uses: dict) -> Any:
+    """A pending sum formed; a DoRA use told whether its consumers keep its output for their own backward."""
+    if isinstance(x, DoraPending):
+        return x.resolve(any(e is not None and saves_input(e, v) for e in uses.get(v, [])))
+    return x.resolve() if isinstance(x, rules.Pending) else x
 
 
 def _add_to_pending(prim: Any, invals: list[Any]) -> rules.Pending | None:
     """``(base + delta) + z`` as ``(base + z) + delta`` when the eqn is such an add."""
     if prim.name != "add" or len(invals) != 2:
         return None
-    i = 0 if isinstance(invals[0], rules.Pending) else 1
+    i = 0 if isinstance(invals[0], _PENDING) else 1
     pending, other = invals[i], invals[1 - i]
-    if isinstance(other, (rules.Pending, LazyKernel, DeferredBase)):
+    if isinstance(other, (*_PENDING, LazyKernel, DeferredBase)):
         return None
+    if isinstance(pending, DoraPending):
+        return pending.plus(other)
     if np.ndim(other) != pending.base.ndim or any(
         o not in (1, n) for o, n in zip(np.shape(other), pending.base.shape, strict=True)
     ):
@@ -467,12 +494,15 @@ def factored(
         ``explain`` reports dense uses as ``"dot_general (dense)"``. No strategy
         computes a weight gradient.
       dora_recompute: for DoRA kernels, recompute the unscaled output
-        ``x·W + s·(x·A)·B`` in the backward pass (what the gradient of ``m``
-        needs) instead of keeping it, one activation per DoRA use: one more
-        base product per use for peak memory near LoRA's. The default,
-        ``False``, keeps it: faster, more memory (measured in the README's
-        DoRA section: 1.05x LoRA's peak at 1.33x its step time, against
-        1.15x at 1.02x).
+        ``x·W + s·(x·A)·B`` (what the gradient of ``m`` needs) in the backward
+        pass at every DoRA use: one more base product per use. The default,
+        ``False``, decides per ``dot_general`` use
+        (:mod:`lora_jax.factored._dora`): it keeps the base product ``x·W``
+        where the layer's consumer keeps its output anyway (an activation
+        function) or where recomputing it costs more than it saves
+        (fan-in > fan-out), and recomputes it elsewhere; measured in the
+        README's DoRA section (about 1.01x LoRA's peak at 1.1x its FLOPs,
+        against 1.05x at 1.32x for ``True``).
       deterministic: evaluate without LoRA dropout. Each adapter records its
         dropout rate (``LoraSpec(dropout=...)``, PEFT's ``lora_dropout``); when
         some rate is above zero, a call must get ``dropout_rng`` (training:

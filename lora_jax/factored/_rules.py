@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax.factored import _dora
 from lora_jax.factored import _lazy as lz
 from lora_jax.factored._dense import dense_use
 from lora_jax.factored._lazy import RANK_LETTER, LazyKernel
@@ -179,39 +180,93 @@ def factored_product(
     result; kernel axes of kind ``"n"`` that appear only in ``out`` are
     broadcast at the end.
     """
+    first, second, _ = factor_stages(
+        x.shape, x.dtype, xs, lk, ks, out, precision=precision, preferred_element_type=preferred_element_type
+    )
+    return second(first(x, lk.a, lk.b), lk.a, lk.b)
+
+
+def factor_stages(
+    x_shape: tuple[int, ...],
+    x_dtype: Any,
+    xs: str,
+    lk: LazyKernel,
+    ks: str,
+    out: str,
+    *,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> tuple[Callable, Callable, Callable | None]:
+    """:func:`factored_product`'s two einsums as ``first(x, a, b) -> t`` and ``second(t, a, b) -> y``.
+
+    The third is ``second`` as an elementwise sum of rank-1 terms (``None`` where ``second`` sums more than
+    the rank axis): XLA fuses it into each consumer instead of keeping a materialized product.
+    """
     sa, sb = lk.letters(ks)
-    a, b = lk.a.astype(lk.dtype), lk.b.astype(lk.dtype)
-    sizes = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(sa, a.shape, strict=True))}
-    sizes.update(zip(sb, b.shape, strict=True))
+    sizes = {**dict(zip(xs, x_shape, strict=True)), **dict(zip(sa, lk.a.shape, strict=True))}
+    sizes.update(zip(sb, lk.b.shape, strict=True))
     known = "".join(c for c in out if c in xs or c in sa or c in sb)
 
     def inter(p: str, q: str) -> str:
         keep = set(q) | set(known)
         return "".join(dict.fromkeys(c for c in xs + p if c in keep))
 
-    options = [(sa, a, sb, b), (sb, b, sa, a)]
-    ps, pv, qs, qv = min(options, key=lambda o: math.prod(sizes[c] for c in inter(o[0], o[2])))
+    options = [(sa, sb, True), (sb, sa, False)]
+    ps, qs, a_first = min(options, key=lambda o: math.prod(sizes[c] for c in inter(o[0], o[1])))
     ts = inter(ps, qs)
-    if preferred_element_type is not None and jnp.dtype(preferred_element_type) == x.dtype == lk.dtype:
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) == jnp.dtype(x_dtype) == lk.dtype:
         preferred_element_type = None  # the default already; keeps the einsum the same as a hand-written one
     kw = {"precision": precision, "preferred_element_type": preferred_element_type}
-    t = jnp.einsum(f"{xs},{ps}->{ts}", x, pv, **kw)
-    # the scale goes on the small factor, not on the (tokens x out) result: one less pass over activations
-    y = jnp.einsum(f"{ts},{qs}->{known}", t, (qv * jnp.asarray(lk.scale, qv.dtype)).astype(t.dtype), **kw)
-    if known != out:
-        k_sizes = dict(zip(ks, lk.shape, strict=True))
-        y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
-        y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in out))
-    return y
+    dtype, scale = lk.dtype, lk.scale
+    k_sizes = dict(zip(ks, lk.shape, strict=True))
+
+    def first(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.einsum(f"{xs},{ps}->{ts}", x, (a if a_first else b).astype(dtype), **kw)
+
+    def second(t: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        qv = (b if a_first else a).astype(dtype)
+        # the scale goes on the small factor, not on the (tokens x out) result: one less pass over activations
+        y = jnp.einsum(f"{ts},{qs}->{known}", t, (qv * jnp.asarray(scale, qv.dtype)).astype(t.dtype), **kw)
+        if known != out:
+            y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
+            y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in out))
+        return y
+
+    def second_ew(t: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        """``second`` as a sum of rank-1 terms (elementwise: XLA fuses it into consumers, keeping only ``t``)."""
+        qv = (b if a_first else a).astype(dtype)
+        qv = (qv * jnp.asarray(scale, qv.dtype)).astype(t.dtype)
+        acc = jnp.float32 if jnp.finfo(t.dtype).bits < 32 else t.dtype  # summed in float32 at least
+        t, qv = t.astype(acc), qv.astype(acc)
+        r = RANK_LETTER
+        tl, ql = ts.replace(r, ""), qs.replace(r, "")
+
+        def align(v: jax.Array, letters: str) -> jax.Array:
+            order = [c for c in known if c in letters]
+            v = jnp.transpose(v, [letters.index(c) for c in order])
+            return jnp.expand_dims(v, [i for i, c in enumerate(known) if c not in letters])
+
+        y = None
+        for k in range(t.shape[ts.index(r)]):
+            term = align(jnp.take(t, k, axis=ts.index(r)), tl) * align(jnp.take(qv, k, axis=qs.index(r)), ql)
+            y = term if y is None else y + term
+        y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in known))
+        if known != out:
+            y = jnp.expand_dims(y, [i for i, c in enumerate(out) if c not in known])
+            y = jnp.broadcast_to(y, tuple(sizes.get(c, k_sizes.get(c)) for c in out))
+        return y
+
+    elementwise = (set(ts) | set(qs)) - set(known) == {RANK_LETTER}  # only the rank axis is summed
+    return first, second, (second_ew if elementwise else None)
 
 
-def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str) -> jax.Array:
+def times_g(y: jax.Array, ys: str, lk: LazyKernel, ks: str, g: jax.Array | None = None) -> jax.Array:
     """``y ∘ g``: DoRA's ``g = m / n`` over the axes of ``y`` that carry its letters.
 
     ``ks`` names the kernel's axes; ``g``'s axes are the kernel's output (and stacked) axes, which must all appear
     in ``ys``.
     """
-    g0 = lk.g[0]
+    g0 = (lk.g if g is None else g)[0]
     gs = "".join(ks[k] for k in lk.b_axes())
     order = [c for c in ys if c in gs]
     g0 = jnp.transpose(g0, [gs.index(c) for c in order])
@@ -225,6 +280,8 @@ def _dora_use(
     """DoRA's use: ``g∘(x·W + s·(x·A)·B)``; with LoRA dropout PEFT's
     ``x·W + (g - 1)∘(drop(x)·W) + g∘s·(drop(x)·A)·B``, computed as ``(x·W - x̃·W) + g∘(x̃·W + s·(x̃·A)·B)``.
 
+    Used for ``conv_general_dilated``, for a ``dot_general`` with dropout, on a quantized base or with
+    ``recompute``; a plain ``dot_general`` use runs as one custom_vjp instead (:func:`_dora_pending`).
     The gradient of ``m`` needs the unscaled output ``u = x̃·W + s·(x̃·A)·B`` (``dm = Σ dy∘u / n``). With
     ``recompute`` the scaled sum runs under ``jax.checkpoint``: the backward pass recomputes ``u`` from ``x̃`` (one
     more base product) instead of keeping an activation-sized ``u`` per DoRA use, which keeps peak memory at
@@ -238,6 +295,43 @@ def _dora_use(
         return scale(base(x) + branch(x))
     base_d = base(xd)
     return Pending(base(x) - base_d, scale(base_d + branch(xd)))
+
+
+def _dora_pending(
+    x: jax.Array,
+    xl: list[str],
+    lk: LazyKernel,
+    kl: list[str],
+    out: str,
+    params: dict[str, Any],
+    kernel_rhs: bool,
+    out_dtype: Any,
+    contracted: list[int],
+) -> _dora.DoraPending:
+    """A DoRA ``dot_general`` use as one custom_vjp (:mod:`lora_jax.factored._dora`), run when its consumer is known."""
+    xs, ks = "".join(xl), "".join(kl)
+    kw = {"precision": params.get("precision"), "preferred_element_type": params.get("preferred_element_type")}
+    first, second, ew = factor_stages(x.shape, x.dtype, xs, lk, ks, out, **kw)
+    ew = ew if lk.a.shape[-1] <= _dora.EW_MAX_RANK else None
+
+    def base_fn(x_: jax.Array, w_: jax.Array) -> jax.Array:
+        return lax.dot_general_p.bind(*((x_, w_) if kernel_rhs else (w_, x_)), **params)
+
+    def cast(f: Callable) -> Callable:
+        return lambda t, a, b: f(t, a, b).astype(out_dtype)
+
+    w, g_axes = lk.base(), {out.index(kl[k]) for k in lk.b_axes()}
+    d_in = math.prod(lk.shape[k] for k in contracted)
+    d_out = math.prod(n for k, n in enumerate(lk.shape) if lk.kinds[k] == "b")
+
+    def run(bias: Any, recompute: bool) -> jax.Array:
+        return _dora.dora_use(
+            x, w, lk.a, lk.b, lk.g, bias, base_fn, first, cast(second), lambda y, g: times_g(y, out, lk, ks, g),
+            recompute, None if ew is None else cast(ew),
+        )  # fmt: skip
+
+    shape = tuple(jax.eval_shape(base_fn, x, w).shape)
+    return _dora.DoraPending(run, shape, g_axes, cheap=d_in <= d_out)
 
 
 def dot_general(
@@ -281,6 +375,8 @@ def dot_general(
     if lk.g is not None:  # DoRA: g = m / n on the output axes
         ks, xs = "".join(kl), "".join(xl)
         gs = {kl[k] for k in lk.b_axes()}
+        if gs <= set(out) and dropout(x) is x and not recompute and not lk.quantized:
+            return _dora_pending(x, xl, lk, kl, out, params, kernel_rhs, out_dtype, list(kc))
         if gs <= set(out):
             return _dora_use(bind, lambda x_: branch(x_, lk), x, dropout, lambda y: times_g(y, out, lk, ks), recompute)
         if gs <= {xl[i] for i in xc} and dropout(x) is x:  # g on contracted axes (x @ E.T): scale x instead
