@@ -33,6 +33,11 @@ import lora_jax.nnx
 V, D, F, LAYERS, HEADS, KV, HD, T = 64, 32, 48, 2, 4, 2, 8, 12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AXES = {"q_proj": "ioo", "k_proj": "ioo", "v_proj": "ioo", "o_proj": "iio"}
+# the torch twins' sizes (GQA, untied head; rope_theta 1e6 as tunix's models apply it)
+HF_DIMS = dict(
+    vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    num_key_value_heads=KV, head_dim=HD, rope_theta=1e6, tie_word_embeddings=False, max_position_embeddings=64,
+)  # fmt: skip
 # tunix 0.1.7 on flax 0.12 / jax 0.10: deprecations raised by tunix's own code (its Variable(sharding=...) metadata,
 # nnx.State, pxla.thread_resources, Variable.value); every other warning still fails the test
 pytestmark = [
@@ -52,11 +57,7 @@ def config(remat: llama.RematConfig = llama.RematConfig.NONE) -> llama.ModelConf
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random HF torch Llama (GQA, untied head) saved as safetensors, and the model itself."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV, head_dim=HD, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )  # fmt: skip
+    cfg = transformers.LlamaConfig(**HF_DIMS, rms_norm_eps=1e-5)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("hf_llama")
@@ -251,11 +252,7 @@ def test_qwen3_through_its_own_key_mapping(tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)
         from tunix.models.qwen3 import model as qwen
         from tunix.models.qwen3 import params as qwen_params
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV, head_dim=HD, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )  # fmt: skip
+    hf_cfg = transformers.Qwen3Config(**HF_DIMS, rms_norm_eps=1e-6)
     torch.manual_seed(2)
     transformers.Qwen3ForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf_qwen3", safe_serialization=True)
     cfg = qwen.ModelConfig(
