@@ -25,7 +25,7 @@ from lora_jax.adapters._vera import VeraWeights as VeraWeights
 from lora_jax.factored._interpreter import Factored as Factored
 from lora_jax.factored._interpreter import factored as factored
 from lora_jax.factored._lazy import FactoredError as FactoredError
-from lora_jax.io._key_mapping import fused_key_mapping as fused_key_mapping
+from lora_jax.io._fused_mapping import fused_key_mapping as fused_key_mapping
 from lora_jax.io._orbax import adapter_checkpoint_args as adapter_checkpoint_args
 from lora_jax.io._orbax import save_adapter as save_adapter
 from lora_jax.io._orbax_load import load_adapter as load_adapter
