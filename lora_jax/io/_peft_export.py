@@ -440,7 +440,7 @@ def export_peft(
                     f"is unknown. Export it without fan_in_fan_out, or leave it out of LoraSpec(trainable=...)."
                 )
             value = _host_float(node.value, f"export_peft(lora=...) at {p}")
-            if hf is not None:  # a fused kernel: one torch weight per component
+            if hf is not None:  # the torch weight from the key mapping (one per component of a fused kernel)
                 full = [(t.module, "weight", t.weight(value)) for t in hf[p]]
             else:
                 name = module_name(name_map, p)
